@@ -1,0 +1,1 @@
+"""Attention-MIL model family (slide-level heads over patch embeddings)."""
