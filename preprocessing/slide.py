@@ -159,7 +159,7 @@ class Slide:
         level = self.best_level_for_downsample(downsample)
         lds = self.level_downsamples[level]
         lw, lh = self.level_dimensions[level]
-        out = Image.new("RGB", (tw, th), (255, 255, 255))
+        out = np.full((th, tw, 3), 255, np.uint8)
         sx, sy = tw / lw, th / lh  # thumbnail px per level px
         block = _THUMB_BLOCK
         for by in range(0, lh, block):
@@ -169,12 +169,12 @@ class Slide:
                 x1, y1 = round((bx + bw) * sx), round((by + bh) * sy)
                 if x1 <= x0 or y1 <= y0:
                     continue
-                tile = self.read_region((round(bx * lds), round(by * lds)), level, (bw, bh))
-                img = Image.fromarray(tile)
+                pixels = self.read_region((round(bx * lds), round(by * lds)), level, (bw, bh))
                 if (x1 - x0, y1 - y0) != (bw, bh):
-                    img = img.resize((x1 - x0, y1 - y0), Image.Resampling.BOX)
-                out.paste(img, (x0, y0))
-        return np.asarray(out), (w0 / tw, h0 / th)
+                    resized = Image.fromarray(pixels).resize((x1 - x0, y1 - y0), Image.Resampling.BOX)
+                    pixels = np.asarray(resized)
+                out[y0:y1, x0:x1] = pixels
+        return out, (w0 / tw, h0 / th)
 
     # -- lifetime -----------------------------------------------------------------
     def close(self) -> None:
