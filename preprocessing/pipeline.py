@@ -1,0 +1,274 @@
+"""Preprocess slides into feature files: the batch a hospital engineer runs, and its per-slide step.
+
+Per slide: open → MPP → tissue mask → tile coordinates → QC image → features
+streamed into the HDF5 file (see :mod:`.h5format`). Each step is a function of
+its own module; this module only sequences them and implements batch policy:
+
+* a bad slide is recorded as ``failed`` with a one-line reason and the batch
+  goes on; the caller's exit code says whether anything failed;
+* a re-run skips a slide whose output is complete and was made with the same
+  parameters from the same file, and redoes partial or stale ones;
+* ``shard=(i, n)`` takes every n-th slide of the sorted list, so job-array
+  tasks split a site's slides with no coordination;
+* the manifest is rewritten atomically after every slide, so an interrupted
+  run still leaves an accurate record of what is done.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Literal
+
+from tqdm.auto import tqdm
+
+from wsi_fl import __version__
+
+from .encoders import Encoder, create_encoder
+from .errors import SlideError
+from .extract import extract_features
+from .h5format import FeatureFileError, FeatureWriter, check_feature_file, remove_stale_partials, stale_reason
+from .qc import render_qc, save_qc
+from .slide import content_fingerprint, open_slide, slide_id_for
+from .tiling import TilingParams, tile_coordinates
+from .tissue import TissueParams, compute_tissue_mask
+
+#: File suffixes picked up when a directory is given (OpenSlide's formats and plain TIFF).
+SLIDE_SUFFIXES = frozenset(
+    {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".bif", ".svslide", ".dcm"}
+)
+MANIFEST_FIELDS = ("slide_id", "status", "n_tiles", "seconds", "error", "source")
+
+Status = Literal["ok", "skipped", "failed"]
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Everything that decides what a preprocessing run writes."""
+
+    out_dir: Path
+    tiling: TilingParams = field(default_factory=TilingParams)
+    tissue: TissueParams = field(default_factory=TissueParams)
+    encoder: str = "resnet50_trunc"
+    weights: Path | None = None
+    random_init: bool = False
+    feature_dtype: Literal["float32", "float16"] = "float32"
+    batch_size: int | None = None  # None: chosen by the tool for the encoder and device
+    num_workers: int | None = None  # None: chosen by the tool for the machine
+    device: str = "auto"
+    mpp_table: Mapping[str, float] = field(default_factory=dict)  # per-slide MPP from the user, by slide id
+    default_mpp: float | None = None  # for slides whose file has no MPP
+    overwrite: bool = False
+    qc: bool = True
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class SlideTask:
+    slide_id: str
+    path: Path
+
+
+@dataclass
+class SlideResult:
+    slide_id: str
+    status: Status
+    n_tiles: int
+    seconds: float
+    error: str
+    source: str
+
+
+def features_path(out_dir: Path, slide_id: str) -> Path:
+    return Path(out_dir) / "features" / f"{slide_id}.h5"
+
+
+def qc_path(out_dir: Path, slide_id: str) -> Path:
+    return Path(out_dir) / "qc" / f"{slide_id}.png"
+
+
+def discover_slides(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """Files as given; directories searched recursively for :data:`SLIDE_SUFFIXES`.
+
+    A DICOM slide is a directory of ``.dcm`` files that OpenSlide opens from any
+    one of them, so a directory contributes only its first ``.dcm`` file.
+    """
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if not p.is_dir():
+            found.append(p)
+            continue
+        dicom_dirs: set[Path] = set()
+        for f in sorted(p.rglob("*")):
+            if not f.is_file() or f.suffix.lower() not in SLIDE_SUFFIXES or f.name.startswith("."):
+                continue
+            if f.suffix.lower() == ".dcm":
+                if f.parent in dicom_dirs:
+                    continue
+                dicom_dirs.add(f.parent)
+            found.append(f)
+    return found
+
+
+def parse_shard(text: str, environ: Mapping[str, str] = os.environ) -> tuple[int, int]:
+    """``"i/n"`` (0-based) -> (i, n); ``"auto"`` reads SLURM or Kubernetes indexed-Job variables."""
+    if text == "auto":
+        if "SLURM_ARRAY_TASK_ID" in environ:
+            first = int(environ.get("SLURM_ARRAY_TASK_MIN", "0"))
+            return int(environ["SLURM_ARRAY_TASK_ID"]) - first, int(environ["SLURM_ARRAY_TASK_COUNT"])
+        if "JOB_COMPLETION_INDEX" in environ:  # Kubernetes indexed Job; count passed by the Job spec
+            return int(environ["JOB_COMPLETION_INDEX"]), int(environ["WSI_FL_SHARD_COUNT"])
+        raise ValueError("--shard auto: no SLURM_ARRAY_TASK_ID or JOB_COMPLETION_INDEX in the environment")
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError as err:
+        raise ValueError(f"--shard must look like i/n (e.g. 0/4), not {text!r}") from err
+    if not (n >= 1 and 0 <= i < n):
+        raise ValueError(f"--shard {text}: need 0 <= i < n")
+    return i, n
+
+
+def plan_tasks(slides: Sequence[Path], shard: tuple[int, int] | None = None) -> list[SlideTask]:
+    """Slide ids, sorted, checked unique, then this shard's share (every n-th from i)."""
+    tasks = sorted((SlideTask(slide_id_for(p), Path(p)) for p in slides), key=lambda t: (t.slide_id, str(t.path)))
+    seen: dict[str, Path] = {}
+    for t in tasks:
+        if t.slide_id in seen:
+            raise ValueError(f"two slides share the id {t.slide_id!r}: {seen[t.slide_id]} and {t.path}")
+        seen[t.slide_id] = t.path
+    if shard is not None:
+        i, n = shard
+        tasks = tasks[i::n]
+    return tasks
+
+
+def manifest_path(out_dir: Path, shard: tuple[int, int] | None) -> Path:
+    """``manifest.csv``; each shard of a job array writes its own, so they never overwrite each other."""
+    if shard is None or shard[1] == 1:
+        return Path(out_dir) / "manifest.csv"
+    return Path(out_dir) / f"manifest.shard-{shard[0]}-of-{shard[1]}.csv"
+
+
+def write_manifest(path: Path, results: Sequence[SlideResult]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=MANIFEST_FIELDS)
+            writer.writeheader()
+            for r in results:
+                row = asdict(r)
+                row["seconds"] = f"{r.seconds:.2f}"
+                writer.writerow(row)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def expected_attrs(slide_path: Path, slide_id: str, mpp: float, mpp_source: str, cfg: PreprocessConfig,
+                   encoder: Encoder) -> dict[str, object]:
+    """The provenance attributes of a feature file made from this slide with this configuration."""
+    return {
+        "slide_id": slide_id,
+        "source_file": slide_path.name,
+        "source_size": slide_path.stat().st_size,
+        "source_fingerprint": content_fingerprint(slide_path),
+        "mpp": mpp,
+        "mpp_source": mpp_source,
+        "target_mpp": cfg.tiling.target_mpp,
+        "tile_size": cfg.tiling.tile_size,
+        "stride": cfg.tiling.stride or cfg.tiling.tile_size,
+        "min_tissue": cfg.tiling.min_tissue,
+        "tissue_params": asdict(cfg.tissue),
+        "encoder": encoder.name,
+        "weights": encoder.weights,
+        "feature_dtype": cfg.feature_dtype,
+        "package_version": __version__,
+    }
+
+
+def preprocess_slide(task: SlideTask, cfg: PreprocessConfig, encoder: Encoder) -> SlideResult:
+    """Run one slide end to end. Raises :class:`SlideError` (and others) on failure."""
+    start = time.perf_counter()
+    out = features_path(cfg.out_dir, task.slide_id)
+    remove_stale_partials(out.parent, out.name)
+    with open_slide(task.path, user_mpp=cfg.mpp_table.get(task.slide_id), default_mpp=cfg.default_mpp,
+                    slide_id=task.slide_id) as slide:
+        mpp = slide.mpp  # raises a clear SlideError if missing or implausible
+        attrs = expected_attrs(task.path, task.slide_id, mpp, str(slide.info.mpp_source), cfg, encoder)
+        qc_file = qc_path(cfg.out_dir, task.slide_id)
+        reusable = not cfg.overwrite and out.exists() and (qc_file.exists() or not cfg.qc)
+        if reusable and stale_reason(out, attrs) is None:
+            n = check_feature_file(out).n_tiles
+            return SlideResult(task.slide_id, "skipped", n, time.perf_counter() - start, "", str(task.path))
+        mask = compute_tissue_mask(slide, cfg.tissue)
+        grid = tile_coordinates(slide, mask, cfg.tiling)
+    if cfg.qc:
+        save_qc(render_qc(mask.thumbnail, mask.mask, mask.downsample, grid.coords, grid.tile_size_level0), qc_file)
+    attrs.update(
+        tile_size_level0=float(grid.tile_size_level0),
+        read_level=int(grid.read_level),
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+    with FeatureWriter(out, encoder.dim, attrs, dtype=cfg.feature_dtype) as writer:
+        batches = extract_features(
+            task.path, grid.coords, read_level=grid.read_level, read_size=grid.read_size,
+            tile_size=grid.tile_size, encoder=encoder, batch_size=cfg.batch_size,
+            num_workers=cfg.num_workers, device=cfg.device, progress=cfg.progress,
+        )
+        for coords, feats in batches:
+            writer.append(coords, feats)
+        writer.commit()
+    note = "" if len(grid.coords) else _no_tiles_reason(slide.info.dimensions, grid.tile_size_level0)
+    return SlideResult(task.slide_id, "ok", len(grid.coords), time.perf_counter() - start, note, str(task.path))
+
+
+def _no_tiles_reason(dims: tuple[int, int], tile_level0: float) -> str:
+    if min(dims) < tile_level0:
+        return f"no tiles: slide {dims[0]}x{dims[1]} px is smaller than one tile ({tile_level0:.0f} px at level 0)"
+    return "no tiles: no tile reaches the minimum tissue fraction (see the QC image)"
+
+
+def run_preprocess(
+    slides: Sequence[Path], cfg: PreprocessConfig, shard: tuple[int, int] | None = None,
+    encoder: Encoder | None = None, log: Callable[[str], None] = tqdm.write,
+) -> list[SlideResult]:
+    """Preprocess a batch; returns one result per slide of this shard and writes the manifest.
+
+    ``KeyboardInterrupt`` (Ctrl-C, or SIGTERM turned into it by the CLI) stops
+    the batch after the manifest is written with the slide in progress marked
+    ``failed: interrupted``; that slide leaves no output.
+    """
+    tasks = plan_tasks(slides, shard)
+    if encoder is None:
+        encoder = create_encoder(cfg.encoder, weights=cfg.weights, random_init=cfg.random_init)
+    manifest = manifest_path(cfg.out_dir, shard)
+    results: list[SlideResult] = []
+    bar = tqdm(tasks, desc="slides", unit="slide", disable=not cfg.progress)
+    try:
+        for task in bar:
+            bar.set_postfix_str(task.slide_id)
+            start = time.perf_counter()
+            try:
+                result = preprocess_slide(task, cfg, encoder)
+            except (SlideError, FeatureFileError, ValueError, OSError, RuntimeError) as err:
+                message = str(err) if isinstance(err, SlideError) else f"{task.path.name}: {type(err).__name__}: {err}"
+                message = " ".join(message.split())
+                result = SlideResult(task.slide_id, "failed", 0, time.perf_counter() - start, message, str(task.path))
+                log(f"FAILED {message}")
+            except KeyboardInterrupt:
+                elapsed = time.perf_counter() - start
+                results.append(SlideResult(task.slide_id, "failed", 0, elapsed, "interrupted before completion",
+                                           str(task.path)))
+                write_manifest(manifest, results)
+                raise
+            results.append(result)
+            write_manifest(manifest, results)
+    finally:
+        bar.close()
+    return results
