@@ -157,10 +157,12 @@ class FeatureWriter:
         features = np.asarray(features)
         if features.ndim != 2 or features.shape[1] != self.dim or coords.shape != (len(features), 2):
             raise ValueError(f"batch shapes coords {coords.shape}, features {features.shape} (dim {self.dim})")
-        if not np.isfinite(features).all():
-            raise ValueError("encoder produced NaN/Inf features")
+        with np.errstate(over="ignore"):  # overflow is reported below, as one clear error
+            features = features.astype(self.dtype, copy=False)
+        if not np.isfinite(features).all():  # checked after the cast: float16 overflows to Inf above 65504
+            raise ValueError(f"encoder produced NaN/Inf features (stored as {self.dtype.name})")
         n = self.n + len(features)
-        for name, data in ((FEATURES, features.astype(self.dtype, copy=False)), (COORDS, coords)):
+        for name, data in ((FEATURES, features), (COORDS, coords)):
             ds = self._file[name]
             ds.resize(n, axis=0)
             ds[self.n : n] = data

@@ -104,3 +104,11 @@ def test_stale_partials_cleanup(tmp_path):
     (tmp_path / ".other.h5.9.partial").write_bytes(b"x")
     assert remove_stale_partials(tmp_path, "s.h5") == 1
     assert [p.name for p in tmp_path.iterdir()] == [".other.h5.9.partial"]
+
+
+def test_float16_overflow_refused_not_stored_as_inf(tmp_path):
+    with pytest.raises(ValueError, match="NaN/Inf features \\(stored as float16\\)"), FeatureWriter(
+        tmp_path / "s.h5", 2, _attrs(), dtype="float16"
+    ) as w:
+        w.append(np.zeros((1, 2)), np.array([[1e6, 0.0]], dtype=np.float32))
+    assert list(tmp_path.iterdir()) == []
