@@ -27,6 +27,14 @@ def _scalar_type(tp: Any) -> Any:
     return tp
 
 
+def _choices(tp: Any) -> tuple[Any, ...] | None:
+    """The allowed values of a ``Literal`` (possibly inside ``X | None``), else ``None``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return _choices(next(a for a in typing.get_args(tp) if a is not type(None)))
+    return typing.get_args(tp) if origin is typing.Literal else None
+
+
 def _bool(text: str) -> bool:
     if text.lower() in ("1", "true", "yes", "on"):
         return True
@@ -35,9 +43,12 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, not {text!r}")
 
 
-def add_dataclass_args(group: argparse._ActionsContainer, cls: type, prefix: str = "") -> None:
+def add_dataclass_args(group: argparse._ActionsContainer, cls: type, prefix: str = "",
+                       exclude: tuple[str, ...] = ()) -> None:
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
+        if f.name in exclude:
+            continue
         tp = _scalar_type(hints[f.name])
         if tp is bool:
             tp = _bool
@@ -45,11 +56,14 @@ def add_dataclass_args(group: argparse._ActionsContainer, cls: type, prefix: str
         help_text = f.metadata.get("help", "")
         group.add_argument(
             f"--{prefix}{f.name.replace('_', '-')}", dest=f"{prefix.replace('-', '_')}{f.name}",
-            type=tp, default=default, metavar=f.name.upper(),
+            type=tp, default=default, choices=_choices(hints[f.name]),
+            metavar=None if _choices(hints[f.name]) else f.name.upper(),
             help=f"{help_text} (default: {default})".strip(),
         )
 
 
-def dataclass_from_args(cls: type[T], args: argparse.Namespace, prefix: str = "") -> T:
-    values = {f.name: getattr(args, f"{prefix.replace('-', '_')}{f.name}") for f in dataclasses.fields(cls)}
-    return cls(**values)
+def dataclass_from_args(cls: type[T], args: argparse.Namespace, prefix: str = "", **fixed: Any) -> T:
+    """Build ``cls`` from the parsed options; ``fixed`` supplies fields that were excluded from the CLI."""
+    values = {f.name: getattr(args, f"{prefix.replace('-', '_')}{f.name}")
+              for f in dataclasses.fields(cls) if f.name not in fixed}
+    return cls(**values, **fixed)
