@@ -16,7 +16,6 @@ its own module; this module only sequences them and implements batch policy:
 
 from __future__ import annotations
 
-import csv
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -29,6 +28,7 @@ from tqdm.auto import tqdm
 
 from wsi_fl import __version__
 
+from .atomic import write_csv_atomic
 from .encoders import Encoder, create_encoder
 from .errors import SlideError
 from .extract import extract_features
@@ -155,19 +155,8 @@ def manifest_path(out_dir: Path, shard: tuple[int, int] | None) -> Path:
 
 
 def write_manifest(path: Path, results: Sequence[SlideResult]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        with tmp.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=MANIFEST_FIELDS)
-            writer.writeheader()
-            for r in results:
-                row = asdict(r)
-                row["seconds"] = f"{r.seconds:.2f}"
-                writer.writerow(row)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    rows = [asdict(r) | {"seconds": f"{r.seconds:.2f}"} for r in results]
+    write_csv_atomic(path, MANIFEST_FIELDS, ([row[k] for k in MANIFEST_FIELDS] for row in rows))
 
 
 def expected_attrs(slide_path: Path, slide_id: str, mpp: float, mpp_source: str, cfg: PreprocessConfig,

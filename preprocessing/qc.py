@@ -14,6 +14,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from skimage.segmentation import find_boundaries
 
+from .atomic import atomic_path
+
 _MIN_SIDE = 768  # small thumbnails are enlarged so outlines and tiles stay visible
 _TISSUE_RGB = (0, 170, 0)
 _TILE_RGB = (20, 60, 230)
@@ -47,12 +49,6 @@ def render_qc(
 
 def save_qc(image: Image.Image, path: str | os.PathLike) -> Path:
     """Write the PNG under a temporary name, then rename (never a half-written image)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
+    with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return Path(path)

@@ -47,9 +47,7 @@ A tile counts as planted if most of it lies inside one planted rectangle.
 
 from __future__ import annotations
 
-import csv
 import math
-import os
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -61,6 +59,7 @@ from skimage.draw import ellipse
 from skimage.transform import integral_image
 from tqdm import tqdm
 
+from .atomic import write_csv_atomic
 from .tiffwrite import pyramid_shapes, write_pyramidal_tiff
 
 __all__ = ["SiteSummary", "SynthConfig", "generate_cohort"]
@@ -504,15 +503,6 @@ def _write_slide(path: Path, image: Image.Image, cfg: SynthConfig) -> None:
     write_pyramidal_tiff(path, width, height, render, mpp=cfg.mpp, quality=cfg.jpeg_quality)
 
 
-def _write_csv(path: Path, header: tuple[str, ...], rows: list[tuple]) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(header)
-        writer.writerows(rows)
-    os.replace(tmp, path)
-
-
 def generate_cohort(
     out: Path,
     *,
@@ -554,8 +544,8 @@ def generate_cohort(
                 planted += [(plan.slide_id, *rect) for rect in rects]
                 bar.update()
             labels_csv = out / site / "labels.csv"
-            _write_csv(labels_csv, LABELS_HEADER, [(p.slide_id, p.label, p.patient_id) for p in site_plans])
-            _write_csv(out / site / "planted.csv", PLANTED_HEADER, planted)
+            write_csv_atomic(labels_csv, LABELS_HEADER, [(p.slide_id, p.label, p.patient_id) for p in site_plans])
+            write_csv_atomic(out / site / "planted.csv", PLANTED_HEADER, planted)
             summaries.append(
                 SiteSummary(
                     site=site,

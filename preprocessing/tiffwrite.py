@@ -13,10 +13,11 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import numpy as np
 import tifffile
+
+from .atomic import atomic_path
 
 #: ``render(downsample, x, y, w, h)`` -> (h, w, 3) uint8: the pixels of the level whose
 #: downsample is ``downsample``, in that level's coordinates.
@@ -59,28 +60,22 @@ def write_pyramidal_tiff(
     quality: int = 90,
 ) -> list[tuple[int, int]]:
     """Write the slide; returns the (width, height) of each level."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial")
     levels = pyramid_shapes(width, height, min_size)
     bigtiff = width * height * 3 * 4 // 3 > 2**31  # raw size of all levels, before compression
-    try:
-        with tifffile.TiffWriter(tmp, bigtiff=bigtiff) as tw:
-            for i, (ds, w, h) in enumerate(levels):
-                res = 1e4 / (mpp * ds)  # pixels per centimetre
-                tw.write(
-                    _tiles(render, ds, w, h, tile),
-                    shape=(h, w, 3),
-                    dtype=np.uint8,
-                    tile=(tile, tile),
-                    photometric="rgb",
-                    compression="jpeg",
-                    compressionargs={"level": quality},
-                    resolution=(res, res),
-                    resolutionunit="CENTIMETER",
-                    subfiletype=0 if i == 0 else 1,
-                    metadata=None,
-                )
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=bigtiff) as tw:
+        for i, (ds, w, h) in enumerate(levels):
+            res = 1e4 / (mpp * ds)  # pixels per centimetre
+            tw.write(
+                _tiles(render, ds, w, h, tile),
+                shape=(h, w, 3),
+                dtype=np.uint8,
+                tile=(tile, tile),
+                photometric="rgb",
+                compression="jpeg",
+                compressionargs={"level": quality},
+                resolution=(res, res),
+                resolutionunit="CENTIMETER",
+                subfiletype=0 if i == 0 else 1,
+                metadata=None,
+            )
     return [(w, h) for _, w, h in levels]

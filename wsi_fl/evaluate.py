@@ -12,7 +12,6 @@ Written to ``out_dir``: ``predictions.csv``, ``metrics.json``, ``roc.png``,
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ import h5py
 import numpy as np
 
 from models.checkpoint import load_checkpoint
+from preprocessing.atomic import write_text_atomic
 from preprocessing.h5format import COORDS
 
 from .data import BagRecord, FeatureBagDataset, read_labels
@@ -40,15 +40,6 @@ class EvalOptions:
     top_tiles: int = 10  # tiles classified "High attention" in the GeoJSON
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_predictions(path: Path, preds: Predictions, records: Sequence[BagRecord], classes: Sequence[str]) -> None:
     by_id = {r.slide_id: r for r in records}
     rows = ["slide_id,patient_id,label,predicted," + ",".join(f"prob_{c}" for c in classes)]
@@ -56,7 +47,7 @@ def write_predictions(path: Path, preds: Predictions, records: Sequence[BagRecor
         rec = by_id[slide_id]
         probs = ",".join(f"{p:.6f}" for p in prob)
         rows.append(f"{slide_id},{rec.patient_id},{classes[target]},{classes[int(prob.argmax())]},{probs}")
-    _atomic_text(path, "\n".join(rows) + "\n")
+    write_text_atomic(path, "\n".join(rows) + "\n")
 
 
 def write_report(out_dir: Path, preds: Predictions, records: Sequence[BagRecord], classes: Sequence[str],
@@ -66,7 +57,7 @@ def write_report(out_dir: Path, preds: Predictions, records: Sequence[BagRecord]
     metrics = classification_metrics(preds.targets, preds.probs, classes=classes, threshold=opts.threshold,
                                       n_bootstrap=opts.n_bootstrap, seed=opts.seed)
     write_predictions(out_dir / "predictions.csv", preds, records, classes)
-    _atomic_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    write_text_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     plot_roc(preds.targets, preds.probs, out_dir / "roc.png", classes=classes, title=title)
     plot_calibration(preds.targets, preds.probs, out_dir / "calibration.png", title=title)
     return metrics

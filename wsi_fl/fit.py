@@ -13,8 +13,6 @@ evaluation report) when there is a test split.
 
 from __future__ import annotations
 
-import csv
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
@@ -25,6 +23,7 @@ import torch
 
 from models import MILConfig, create_model, list_models
 from models.checkpoint import check_provenance, save_checkpoint
+from preprocessing.atomic import write_csv_atomic
 
 from . import __version__
 from .data import BagRecord, FeatureBagDataset, read_labels, sort_classes
@@ -93,18 +92,6 @@ def build_dataset(pairs: Sequence[tuple[Site, BagRecord]], indices: np.ndarray, 
     return pooled
 
 
-def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        with tmp.open("w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(header)
-            writer.writerows(rows)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def fit(sites: Sequence[Site], out_dir: str | Path, *, model: MILConfig = MILConfig(),
         train: TrainConfig = TrainConfig(), label_col: str = "label", val_frac: float = 0.15,
         test_frac: float = 0.2, eval_opts: EvalOptions = EvalOptions(), slide_dirs: Sequence[Path] = (),
@@ -134,10 +121,10 @@ def fit(sites: Sequence[Site], out_dir: str | Path, *, model: MILConfig = MILCon
     result = train_model(create_model(config), train_ds, val_ds, train, progress=progress)
 
     split_of = {int(i): name for name, idx in splits.items() for i in idx}
-    _write_csv(out_dir / "splits.csv", ("site", "slide_id", "patient_id", "label", "split"),
+    write_csv_atomic(out_dir / "splits.csv", ("site", "slide_id", "patient_id", "label", "split"),
                [(s.name, r.slide_id, r.patient_id, r.label, split_of[i]) for i, (s, r) in enumerate(pairs)])
     keys = sorted({k for h in result.history for k in h})
-    _write_csv(out_dir / "history.csv", keys, [[h.get(k, "") for k in keys] for h in result.history])
+    write_csv_atomic(out_dir / "history.csv", keys, [[h.get(k, "") for k in keys] for h in result.history])
     meta = {
         "package_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

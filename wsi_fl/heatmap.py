@@ -33,6 +33,7 @@ from matplotlib import colormaps
 from PIL import Image, ImageDraw
 from scipy.stats import rankdata
 
+from preprocessing.atomic import atomic_path
 from preprocessing.qc import save_qc
 from preprocessing.slide import open_slide
 
@@ -163,16 +164,9 @@ def attention_geojson(
 
 def write_geojson(collection: dict, path: str | os.PathLike) -> Path:
     """Write ``collection`` as JSON atomically (temporary name, then rename); NaN is refused, not written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(collection, f, allow_nan=False, separators=(",", ":"))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(collection, f, allow_nan=False, separators=(",", ":"))
+    return Path(path)
 
 
 def _colorbar(height: int, cmap: str, low: str, high: str) -> Image.Image:

@@ -18,6 +18,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from sklearn.metrics import roc_auc_score, roc_curve
 
+from preprocessing.atomic import atomic_path
+
 from .metrics import calibration_bins, check_inputs
 
 __all__ = ["plot_calibration", "plot_roc", "save_figure"]
@@ -27,16 +29,10 @@ _DPI = 120
 
 def save_figure(fig: Figure, path: str | os.PathLike) -> Path:
     """Render ``fig`` to PNG at ``path`` atomically (temporary name in the same directory, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
     FigureCanvasAgg(fig)
-    try:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=_DPI)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return Path(path)
 
 
 def _chance_line(ax) -> None:
