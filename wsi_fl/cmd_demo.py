@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
         result = train_demo_model(args.out, reports, seed=args.seed, progress=not args.quiet)
         m = result.test_metrics or {}
         ci = m.get("auc_ci95") or [float("nan")] * 2
-        print(f"pooled gated-attention MIL: splits {result.split_sizes}, best epoch {result.best_epoch}")
+        print(f"pooled gated-attention MIL: splits {result.split_sizes}, {result.best_epoch + 1} epochs")
         print(f"held-out test: n={m.get('n')} AUC={m.get('auc')} (95% CI {ci[0]:.2f}-{ci[1]:.2f})"
               f" accuracy={m.get('accuracy'):.2f} balanced accuracy={m.get('balanced_accuracy'):.2f}")
         print(f"report: {args.out}/model/test (metrics.json, predictions.csv, roc.png, calibration.png, heatmaps/)")
