@@ -13,7 +13,6 @@ half-written file under the final name.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import torch
 from models.base import MILModel
 from models.config import MILConfig
 from models.registry import create_model
+from preprocessing.h5format import attr_equal
 
 #: Feature-file attributes that define the feature space a model was trained on.
 PROVENANCE_KEYS = ("encoder", "weights", "feature_dim", "target_mpp", "tile_size", "schema_version")
@@ -151,19 +151,10 @@ def check_provenance(expected: Mapping[str, Any], found: Mapping[str, Any], sour
             mismatches.append(f"{key}: checkpoint {want!r} vs features (missing)")
             continue
         have = _plain(found[key], key)
-        if not _same(want, have):
+        if not attr_equal(want, have):
             mismatches.append(f"{key}: checkpoint {want!r} vs features {have!r}")
     if mismatches:
         raise ProvenanceError(f"{source}: features do not match the model's feature space: {'; '.join(mismatches)}")
-
-
-def _same(a: Any, b: Any) -> bool:
-    def number(v: Any) -> bool:
-        return isinstance(v, int | float) and not isinstance(v, bool)
-
-    if isinstance(a, float) or isinstance(b, float):
-        return number(a) and number(b) and math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-12)
-    return a == b
 
 
 def _plain(value: Any, where: str) -> Any:

@@ -21,6 +21,7 @@ row counts, so even a file copied half-way by hand is not mistaken for done.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -98,13 +99,19 @@ def _python_value(value: Any) -> Any:
     return value
 
 
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, float | np.floating) or isinstance(b, float | np.floating):
-        try:
-            return bool(np.isclose(float(a), float(b), rtol=1e-9, atol=0))
-        except (TypeError, ValueError):
-            return False
-    return _python_value(a) == _python_value(b)
+def attr_equal(a: Any, b: Any) -> bool:
+    """Attribute values equal, floats within a relative 1e-6 (they pass through HDF5 and JSON).
+
+    The one comparison used for staleness, for consistency across slides and
+    for checkpoint provenance, so "same feature space" means one thing.
+    """
+    a, b = _python_value(a), _python_value(b)
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if isinstance(a, float) or isinstance(b, float):
+        numbers = all(isinstance(v, int | float) for v in (a, b))
+        return numbers and math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-12)
+    return a == b
 
 
 class FeatureWriter:
@@ -238,7 +245,7 @@ def stale_reason(path: str | os.PathLike, expected: Mapping[str, Any]) -> str | 
     except FeatureFileError as err:
         return str(err)
     for key, value in expected.items():
-        if key in PARAMETER_ATTRS and not _same(info.attrs.get(key), _attr_value(value)):
+        if key in PARAMETER_ATTRS and not attr_equal(info.attrs.get(key), _attr_value(value)):
             return f"{key} changed ({info.attrs.get(key)!r} -> {_attr_value(value)!r})"
     return None
 

@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import Dataset
 
 from models.checkpoint import PROVENANCE_KEYS, ProvenanceError, check_provenance
-from preprocessing.h5format import COORDS, FEATURES, FeatureFileError, _same, check_feature_file
+from preprocessing.h5format import COORDS, FEATURES, FeatureFileError, attr_equal, check_feature_file
 
 SPLIT_NAMES = ("train", "val", "test")
 
@@ -201,7 +201,7 @@ class FeatureBagDataset(Dataset):
             else:
                 for key in PROVENANCE_KEYS:
                     a, b = first[1].get(key), info.attrs.get(key)
-                    if not _same(a, b):
+                    if not attr_equal(a, b):
                         raise BagDataError(f"slides {first[0]} and {rec.slide_id} differ in {key}: {a!r} vs {b!r}")
             self.paths.append(path)
             self.n_tiles.append(info.n_tiles)
