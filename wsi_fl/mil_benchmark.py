@@ -4,7 +4,8 @@ This is how the model family is checked against published numbers on data no
 one here made. Protocol (one configuration for every dataset, no per-dataset
 tuning): for each repeat, bags are split into ``folds`` stratified folds; in
 each fold the training bags are split again (90/10, stratified) to pick the
-epoch by validation loss; features are standardised with statistics of the
+epoch by validation loss (with ``early_stopping="none"`` every training bag
+trains for a fixed number of epochs instead); features are standardised with statistics of the
 training instances only; the held-out fold gives accuracy (argmax) and AUC.
 Reported: mean ± std over repeats of the fold-averaged accuracy (as Ilse et
 al. report), the std over all folds, and every fold's values.
@@ -49,9 +50,13 @@ def standardise(train: TableBagDataset, *others: TableBagDataset) -> list[TableB
 
 def run_fold(data: TableBagDataset, train_idx: np.ndarray, test_idx: np.ndarray, cfg: BenchmarkConfig,
              seed: int) -> dict[str, float]:
-    inner_train, inner_val = train_val_split(data.targets[train_idx], data.groups[train_idx], cfg.val_frac, seed)
-    train_ds, val_ds, test_ds = standardise(data.subset(train_idx[inner_train]), data.subset(train_idx[inner_val]),
-                                            data.subset(test_idx))
+    if cfg.train.early_stopping == "none":  # a fixed number of epochs: every training bag trains
+        train_ds, test_ds = standardise(data.subset(train_idx), data.subset(test_idx))
+        val_ds = None
+    else:
+        inner_train, inner_val = train_val_split(data.targets[train_idx], data.groups[train_idx], cfg.val_frac, seed)
+        train_ds, val_ds, test_ds = standardise(data.subset(train_idx[inner_train]),
+                                                data.subset(train_idx[inner_val]), data.subset(test_idx))
     torch.manual_seed(seed)
     model = create_model(MILConfig(model=cfg.model, in_dim=data.feature_dim, n_classes=len(data.classes)))
     result = train_model(model, train_ds, val_ds, replace(cfg.train, seed=seed, device="cpu"))
