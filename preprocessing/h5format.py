@@ -142,6 +142,16 @@ class FeatureWriter:
     def __enter__(self) -> FeatureWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         f = h5py.File(self.tmp, "w")
+        try:
+            self._create_layout(f)
+        except BaseException:  # an interrupt here would skip __exit__: clean up the partial file ourselves
+            f.close()
+            self.tmp.unlink(missing_ok=True)
+            raise
+        self._file = f
+        return self
+
+    def _create_layout(self, f: h5py.File) -> None:
         rows = max(1, _CHUNK_BYTES // (self.dim * self.dtype.itemsize))
         f.create_dataset(
             FEATURES, shape=(0, self.dim), maxshape=(None, self.dim), dtype=self.dtype,
@@ -154,8 +164,6 @@ class FeatureWriter:
         f.attrs.update(self._attrs)
         f.attrs["schema_version"] = SCHEMA_VERSION
         f.attrs["status"] = "writing"
-        self._file = f
-        return self
 
     def append(self, coords: np.ndarray, features: np.ndarray) -> None:
         if self._file is None:

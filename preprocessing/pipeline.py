@@ -254,10 +254,10 @@ def run_preprocess(
                 elapsed = time.perf_counter() - start
                 results.append(SlideResult(task.slide_id, "failed", 0, elapsed, "interrupted before completion",
                                            str(task.path)))
-                write_manifest(manifest, results)
                 raise
             results.append(result)
             write_manifest(manifest, results)
-    finally:
+    finally:  # also after an interrupt (even one landing between slides), so the record is complete
+        write_manifest(manifest, results)
         bar.close()
     return results

@@ -181,8 +181,11 @@ def test_interrupted_run_leaves_nothing_mistaken_for_complete_and_resumes(cohort
     if sig == signal.SIGTERM:  # a clean stop: exit 130, partial file removed, manifest written
         assert proc.returncode == 130, output
         assert not list((out / "features").glob(".*.partial"))
-        interrupted = [r for r in _manifest(out / "manifest.csv").values() if r["status"] == "failed"]
-        assert [r["error"] for r in interrupted] == ["interrupted before completion"]
+        rows = _manifest(out / "manifest.csv").values()
+        interrupted = [r for r in rows if r["status"] == "failed"]
+        # the slide in progress is marked; a signal landing between two slides leaves none in progress
+        assert len(interrupted) <= 1 and all(r["error"] == "interrupted before completion" for r in interrupted)
+        assert all(r["status"] in ("ok", "failed") for r in rows)
     before = {p.name for p in (out / "features").glob("*.h5")}
     rerun = _start(cohort_slides, out)
     assert rerun.wait(timeout=600) == 0, rerun.communicate()[0]
