@@ -17,6 +17,7 @@ its own module; this module only sequences them and implements batch policy:
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -82,6 +83,24 @@ class SlideResult:
     seconds: float
     error: str
     source: str
+
+
+_stop = threading.Event()
+
+
+def request_stop() -> None:
+    """Ask a running batch to stop (signal handlers call this as well as raising KeyboardInterrupt).
+
+    An exception raised from a signal handler is swallowed when it lands in a
+    ``__del__`` or a GC callback; the flag is checked after every batch and
+    slide, so the stop still happens, at the next safe point.
+    """
+    _stop.set()
+
+
+def _check_stop() -> None:
+    if _stop.is_set():
+        raise KeyboardInterrupt("stop requested")
 
 
 def features_path(out_dir: Path, slide_id: str) -> Path:
@@ -212,6 +231,7 @@ def preprocess_slide(task: SlideTask, cfg: PreprocessConfig, encoder: Encoder) -
         )
         for coords, feats in batches:
             writer.append(coords, feats)
+            _check_stop()
         writer.commit()
     note = "" if len(grid.coords) else _no_tiles_reason(slide.info.dimensions, grid.tile_size_level0)
     return SlideResult(task.slide_id, "ok", len(grid.coords), time.perf_counter() - start, note, str(task.path))
@@ -241,6 +261,7 @@ def run_preprocess(
     bar = tqdm(tasks, desc="slides", unit="slide", disable=not cfg.progress)
     try:
         for task in bar:
+            _check_stop()
             bar.set_postfix_str(task.slide_id)
             start = time.perf_counter()
             try:

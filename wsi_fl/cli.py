@@ -19,6 +19,9 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:
+    from preprocessing.pipeline import request_stop
+
+    request_stop()  # in case the exception below lands somewhere that swallows it (a __del__)
     raise KeyboardInterrupt(f"signal {signum}")
 
 
