@@ -70,3 +70,18 @@ def test_set_epoch_reaches_datasets_inside_pools_and_subsets():
     _set_epoch(pooled, 7)
     assert a.epochs == [7] and b.epochs == [7]
     assert pooled.targets.tolist() == [0, 1, 0]
+
+
+def test_class_weights_count_at_one_bag_per_step():
+    """A single bag's loss is w_y * NLL (plain CrossEntropyLoss(weight) would divide the weight out again)."""
+    from wsi_fl.training import BagCrossEntropy
+
+    weight = torch.tensor([0.5, 3.0])
+    criterion = BagCrossEntropy(weight=weight)
+    logits = torch.tensor([[0.3, -0.2]])
+    nll = torch.nn.functional.cross_entropy(logits, torch.tensor([1]))
+    assert criterion(logits, torch.tensor([1])).item() == pytest.approx(3.0 * nll.item())
+    batch = torch.tensor([[0.3, -0.2], [1.0, 0.0]])
+    per_bag = torch.nn.functional.cross_entropy(batch, torch.tensor([1, 0]), reduction="none")
+    expected = (3.0 * per_bag[0] + 0.5 * per_bag[1]).item() / 2
+    assert criterion(batch, torch.tensor([1, 0])).item() == pytest.approx(expected)

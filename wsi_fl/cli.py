@@ -26,12 +26,12 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import cmd_demo, cmd_evaluate, cmd_mil_benchmark, cmd_preprocess, cmd_synth, cmd_train
+    from . import cmd_demo, cmd_evaluate, cmd_federate, cmd_mil_benchmark, cmd_preprocess, cmd_synth, cmd_train
 
     parser = argparse.ArgumentParser(prog="wsi-fl", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"wsi-fl {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (cmd_synth, cmd_preprocess, cmd_train, cmd_evaluate, cmd_mil_benchmark, cmd_demo):
+    for module in (cmd_synth, cmd_preprocess, cmd_train, cmd_federate, cmd_evaluate, cmd_mil_benchmark, cmd_demo):
         module.register(sub)
     return parser
 

@@ -24,9 +24,7 @@ from preprocessing.atomic import write_text_atomic
 from preprocessing.h5format import COORDS
 
 from .data import BagRecord, FeatureBagDataset, read_labels
-from .heatmap import attention_geojson, attention_heatmap, write_geojson
 from .metrics import classification_metrics
-from .plots import plot_calibration, plot_roc
 from .training import Predictions, predict
 
 
@@ -58,6 +56,8 @@ def write_report(out_dir: Path, preds: Predictions, records: Sequence[BagRecord]
                                       n_bootstrap=opts.n_bootstrap, seed=opts.seed)
     write_predictions(out_dir / "predictions.csv", preds, records, classes)
     write_text_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    from .plots import plot_calibration, plot_roc  # matplotlib: imported only when a report is drawn
+
     plot_roc(preds.targets, preds.probs, out_dir / "roc.png", classes=classes, title=title)
     plot_calibration(preds.targets, preds.probs, out_dir / "calibration.png", title=title)
     return metrics
@@ -91,6 +91,8 @@ def heatmap_targets(preds: Predictions, opts: EvalOptions) -> list[int]:
 def write_heatmaps(out_dir: Path, preds: Predictions, feature_paths: Mapping[str, Path], slide_dirs: Sequence[Path],
                    opts: EvalOptions, log=print) -> list[Path]:
     """Attention PNG (over the slide thumbnail) and QuPath GeoJSON for each slide chosen by ``opts``."""
+    from .heatmap import attention_geojson, attention_heatmap, write_geojson  # OpenSlide, matplotlib: on use
+
     written: list[Path] = []
     for i in heatmap_targets(preds, opts):
         slide_id, attention = preds.slide_ids[i], preds.attention[i]

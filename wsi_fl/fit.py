@@ -2,8 +2,9 @@
 
 Pooled training is the centralised upper bound a federation is compared with;
 local training is what one hospital could do alone. Both use patient-level
-splits: a labels file's ``split`` column if every row has one, otherwise a
-stratified, patient-disjoint train/val/test split. Patient ids are prefixed
+splits made site by site (so local, pooled and federated models are tested on
+the same slides): a labels file's ``split`` column if every row has one,
+otherwise a stratified, patient-disjoint train/val/test split of that site. Patient ids are prefixed
 with the site name, because two hospitals' "P001" are different people.
 
 Written to ``out_dir``: ``model.pt`` (weights, model config, classes and the
@@ -47,10 +48,17 @@ class FitResult:
     test_metrics: dict | None
 
 
-def load_site_records(sites: Sequence[Site], label_col: str) -> tuple[list[tuple[Site, BagRecord]], list[str]]:
-    """All sites' records with one shared class mapping; patient ids made site-unique."""
-    tables = [read_labels(s.labels, label_col=label_col) for s in sites]
-    classes = sort_classes(sorted({c for t in tables for c in t.classes}))
+def load_site_records(sites: Sequence[Site], label_col: str, classes: Sequence[str] | None = None,
+                      ) -> tuple[list[tuple[Site, BagRecord]], list[str]]:
+    """All sites' records with one shared class mapping; patient ids made site-unique.
+
+    ``classes`` fixes the mapping (a federation's, agreed by the server); by default it is the union of the
+    sites' labels in :func:`~wsi_fl.data.sort_classes` order.
+    """
+    if classes is None:
+        tables = [read_labels(s.labels, label_col=label_col) for s in sites]
+        classes = sort_classes(sorted({c for t in tables for c in t.classes}))
+    classes = list(classes)
     records = []
     for site in sites:
         for rec in read_labels(site.labels, label_col=label_col, classes=classes).records:
@@ -64,11 +72,32 @@ def assign_splits(records: Sequence[BagRecord], val_frac: float, test_frac: floa
         return predefined
     targets = np.array([r.target for r in records])
     groups = np.array([r.patient_id for r in records])
+    if test_frac == 0 and val_frac == 0:
+        return {"train": np.arange(len(records))}
     if test_frac == 0:  # every slide for training and validation, e.g. before an external evaluation
         train, val = train_val_split(targets, groups, val_frac, seed)
         return {"train": train, "val": val}
+    if val_frac == 0:  # no epoch selection (fixed epochs): every non-test slide trains
+        train, test = train_val_split(targets, groups, test_frac, seed)
+        return {"train": train, "test": test}
     train, val, test = train_val_test_split(targets, groups, val_frac=val_frac, test_frac=test_frac, seed=seed)
     return {"train": train, "val": val, "test": test}
+
+
+def assign_site_splits(pairs: Sequence[tuple[Site, BagRecord]], val_frac: float, test_frac: float,
+                       seed: int) -> dict[str, np.ndarray]:
+    """Split every site on its own and concatenate: the held-out slides are then the same whether a model is
+    trained locally, pooled or federated (a federation's sites can only split locally), and every site keeps
+    its share of each split."""
+    by_site: dict[str, list[int]] = {}
+    for i, (site, _) in enumerate(pairs):
+        by_site.setdefault(site.name, []).append(i)
+    parts: dict[str, list[np.ndarray]] = {}
+    for idx in by_site.values():
+        idx_arr = np.asarray(idx)
+        for name, sub in assign_splits([pairs[i][1] for i in idx], val_frac, test_frac, seed).items():
+            parts.setdefault(name, []).append(idx_arr[sub])
+    return {name: np.sort(np.concatenate(v)) for name, v in parts.items()}
 
 
 def build_dataset(pairs: Sequence[tuple[Site, BagRecord]], indices: np.ndarray, *, max_instances: int | None,
@@ -107,7 +136,7 @@ def fit(sites: Sequence[Site], out_dir: str | Path, *, model: MILConfig = MILCon
     out_dir.mkdir(parents=True, exist_ok=True)
     pairs, classes = load_site_records(sites, label_col)
     records = [rec for _, rec in pairs]
-    splits = assign_splits(records, val_frac, test_frac, train.seed)
+    splits = assign_site_splits(pairs, val_frac, test_frac, train.seed)
     train_ds = build_dataset(pairs, splits["train"], max_instances=train.max_instances, seed=train.seed)
     if train_ds is None:
         raise ValueError("no training slides after splitting")

@@ -112,3 +112,23 @@ def plot_calibration(
     hist.set(xlabel=xlabel, ylabel="Slides")
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def plot_federated_history(history: Sequence[dict], path: str | os.PathLike) -> Path:
+    """Per-round federated metrics: training and validation loss, validation and test AUC."""
+    fig = Figure(figsize=(9, 3.5))
+    FigureCanvasAgg(fig)
+    loss_ax, auc_ax = fig.subplots(1, 2)
+    rounds = [h["round"] for h in history]
+    for key, ax in (("train-loss", loss_ax), ("val-loss", loss_ax), ("val-auc", auc_ax), ("test-auc", auc_ax)):
+        values = [h.get(key, np.nan) for h in history]
+        if not all(np.isnan(values)):
+            ax.plot(rounds, values, marker=".", label=key)
+    loss_ax.set(xlabel="round", ylabel="loss", title="loss")
+    auc_ax.set(xlabel="round", ylabel="AUC", title="federated AUC (from site histograms)", ylim=(0, 1.02))
+    for ax in (loss_ax, auc_ax):
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, path)

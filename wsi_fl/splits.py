@@ -64,8 +64,14 @@ def train_val_split(targets: Any, groups: Any, val_frac: float, seed: int) -> tu
     n_groups = np.unique(g).size
     if n_groups < 2:
         raise ValueError(f"need at least 2 patients to split, got {n_groups}")
+    largest_class = int(np.unique(y, return_counts=True)[1].max())
+    if largest_class < 2:  # one slide per class (a tiny site's remainder): stratification is moot
+        patients = np.random.default_rng(seed).permutation(np.unique(g))
+        held = patients[: min(max(round(val_frac * n_groups), 1), n_groups - 1)]
+        val = np.flatnonzero(np.isin(g, held))
+        return np.setdiff1d(np.arange(y.size), val), val
     # StratifiedGroupKFold refuses k above the largest class count; capping k also keeps folds non-empty.
-    k_max = min(_MAX_FRACTION_FOLDS, n_groups, int(np.unique(y, return_counts=True)[1].max()))
+    k_max = min(_MAX_FRACTION_FOLDS, n_groups, largest_class)
     k_max = max(k_max, 2)
     best = min(
         ((k, min(max(round(val_frac * k), 1), k - 1)) for k in range(2, k_max + 1)),

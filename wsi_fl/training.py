@@ -144,20 +144,74 @@ def _loss_on(model: MILModel, preds: Predictions, weight: torch.Tensor | None) -
     return float(nll)
 
 
+def make_optimizer(model: MILModel, cfg: TrainConfig) -> torch.optim.Optimizer:
+    opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    return opt_cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+class BagCrossEntropy(torch.nn.CrossEntropyLoss):
+    """Class-weighted cross-entropy averaged over the bags of a batch.
+
+    ``CrossEntropyLoss(weight=w)`` with mean reduction divides by the sum of the
+    batch's weights, so with one bag per step (the usual MIL batch) the weight
+    cancels and class weighting silently does nothing. Dividing by the number
+    of bags instead makes every bag of class ``c`` count ``w_c`` times.
+    """
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(input, target, weight=self.weight, reduction="sum") / target.numel()
+
+
+def make_criterion(train_ds: Dataset, n_classes: int, cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
+    weight = class_weights(_targets_of(train_ds), n_classes).to(device) if cfg.class_weighting else None
+    return BagCrossEntropy(weight=weight)
+
+
+def make_loader(train_ds: Dataset, cfg: TrainConfig) -> DataLoader:
+    generator = torch.Generator().manual_seed(cfg.seed)
+    return DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate_bags,
+                      generator=generator)
+
+
+def train_epoch(model: MILModel, loader: DataLoader, optimizer: torch.optim.Optimizer,
+                criterion: torch.nn.Module, device: torch.device, *, epoch: int,
+                proximal_mu: float = 0.0, anchor: Sequence[torch.Tensor] | None = None) -> float:
+    """One pass over ``loader``; returns the mean training loss per bag (without the proximal term).
+
+    With ``proximal_mu > 0``, FedProx's ``mu/2 * ||w - w_global||^2`` (``anchor``
+    = the global weights this round started from) is added to every step's loss,
+    which keeps a site's local optimum from drifting far from the federation's.
+    """
+    _set_epoch(loader.dataset, epoch)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    total, n_bags = 0.0, 0
+    for batch in loader:
+        x, mask, y = batch.x.to(device), batch.mask.to(device), batch.targets.to(device)
+        out = model(x, mask, labels=y)
+        loss = criterion(out.logits, y)
+        if out.aux_loss is not None:
+            loss = loss + out.aux_loss
+        total += loss.item() * len(y)
+        n_bags += len(y)
+        if proximal_mu > 0 and anchor is not None:
+            loss = loss + proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return total / max(n_bags, 1)
+
+
 def train_model(model: MILModel, train_ds: Dataset, val_ds: Dataset | None, cfg: TrainConfig,
                 *, progress: bool = False) -> TrainResult:
     """Train with early stopping on the validation set (if given) and return the best epoch's weights."""
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     model.to(device)
-    n_classes = model.config.n_classes
-    weight = class_weights(_targets_of(train_ds), n_classes).to(device) if cfg.class_weighting else None
-    criterion = torch.nn.CrossEntropyLoss(weight=weight)
-    opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    optimizer = opt_cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate_bags,
-                        generator=generator)
+    criterion = make_criterion(train_ds, model.config.n_classes, cfg, device)
+    weight = getattr(criterion, "weight", None)
+    optimizer = make_optimizer(model, cfg)
+    loader = make_loader(train_ds, cfg)
     use_val = val_ds is not None and len(val_ds) > 0 and cfg.early_stopping != "none"
     best_state, best_epoch, best_score, stale = None, -1, -math.inf, 0
     history: list[dict[str, float]] = []
@@ -167,21 +221,7 @@ def train_model(model: MILModel, train_ds: Dataset, val_ds: Dataset | None, cfg:
 
         epochs = tqdm(epochs, desc="epochs", unit="epoch", leave=False)
     for epoch in epochs:
-        _set_epoch(train_ds, epoch)
-        model.train()
-        total, n_bags = 0.0, 0
-        for batch in loader:
-            x, mask, y = batch.x.to(device), batch.mask.to(device), batch.targets.to(device)
-            out = model(x, mask, labels=y)
-            loss = criterion(out.logits, y)
-            if out.aux_loss is not None:
-                loss = loss + out.aux_loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * len(y)
-            n_bags += len(y)
-        record = {"epoch": epoch, "train_loss": total / max(n_bags, 1)}
+        record = {"epoch": epoch, "train_loss": train_epoch(model, loader, optimizer, criterion, device, epoch=epoch)}
         if use_val:
             preds = predict(model, val_ds, batch_size=cfg.batch_size, device=device)
             record["val_loss"] = _loss_on(model, preds, None if weight is None else weight.cpu())

@@ -1,0 +1,82 @@
+"""The app in Flower's deployment runtime: a SuperLink, three SuperNodes and ``flwr run``, all on loopback.
+
+What only a deployment exercises: the FAB built from ``pyproject.toml``, the
+ServerApp and ClientApps importing ``wsi_fl`` in their own subprocesses, sites
+found through node config, the run config parsed from ``flwr run``, and every
+process stopped afterwards (``scripts/run_local_federation.py``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from bagsites import make_cohort
+
+from models.checkpoint import load_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "run_local_federation.py"
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("run_local_federation", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _left_running(flwr_home: Path) -> list[int]:
+    """PIDs of live processes (not zombies) with this ``FLWR_HOME``: whatever a federation left behind."""
+    needle, found = f"FLWR_HOME={flwr_home}".encode(), []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            if state != "Z" and needle in (proc / "environ").read_bytes().split(b"\0"):
+                found.append(int(proc.name))
+        except (OSError, IndexError):
+            continue
+    return found
+
+
+def test_script_help():
+    out = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "--cohort" in out.stdout and "--rounds" in out.stdout and "insecure" in out.stdout
+
+
+@pytest.mark.slow
+def test_local_deployment_two_rounds(tmp_path):
+    script = _load_script()
+    make_cohort(tmp_path / "cohort")
+    out, work = tmp_path / "out", tmp_path / "work"
+    result = script.run_local_federation(
+        tmp_path / "cohort", out, rounds=2, workdir=work, timeout=900,
+        run_config="min-available-nodes=3 test-frac=0.3 hidden-dim=32 attn-dim=16")
+    logs = "\n".join(script.tail(p) for p in sorted(Path(result["logs"]).glob("*.log")))
+    assert result["status"] == "finished:completed", logs
+    assert result["ok"] and result["rounds_completed"] == 2
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2]
+    assert all(r["aggregated"] == 3 and r["eval-replies"] == 3 for r in rows), rows
+    for name, rounds in (("best.pt", (1, 2)), ("last.pt", (2,))):
+        _, ckpt = load_checkpoint(out / name)
+        assert ckpt.config.in_dim == 16 and ckpt.config.hidden_dim == 32 and ckpt.classes == ["0", "1"]
+        assert ckpt.meta["mode"] == "federated" and ckpt.meta["round"] in rounds
+    assert json.loads((work / "run-status.json").read_text())["status"] == "finished:completed"
+    # Every SuperLink and SuperNode was stopped (and reaped), and nothing they started is left running.
+    assert set(result["pids"]) == {"superlink", "supernode-site_1", "supernode-site_2", "supernode-site_3"}
+    for pid in result["pids"].values():
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    if Path("/proc/self/environ").exists():
+        deadline = time.monotonic() + 15  # app processes notice their SuperNode is gone within seconds
+        while (left := _left_running(work / "flwr-home")) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not left, f"processes left running: {left}"

@@ -1,0 +1,323 @@
+"""The federated round loop: query sites, train, screen replies, aggregate, evaluate, checkpoint, resume.
+
+Flower's ``Strategy.start`` runs all rounds in one call; this loop calls the
+same strategy's ``configure_train``/``aggregate_train``/``configure_evaluate``
+itself, because a hospital federation needs what happens between those calls:
+
+* **Screening.** A failed, late or malformed reply (other array names or
+  shapes, another dtype, NaN/Inf, a non-positive bag count) is logged and
+  dropped; the round aggregates the rest if at least ``min-train-nodes``
+  replies are valid, and otherwise keeps the global model unchanged.
+* **Federated metrics** from summed histograms and confusion counts
+  (:mod:`wsi_fl.fedauc`): the pooled AUC over all sites' slides, while no
+  per-slide score leaves a site.
+* **Checkpoints and resume.** After every round: ``state.pt`` (global weights,
+  strategy state, round, best score), ``last.pt`` and, when the validation
+  metric improves, ``best.pt`` (both in ``wsi-fl train``'s checkpoint format),
+  a line in ``metrics.jsonl`` (and ``metrics.png`` every 10 rounds and at the end). With ``resume`` a restarted
+  server continues after the last completed round.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.exception import AggregationError, InconsistentMessageReplies
+
+from models import create_model
+from models.checkpoint import check_provenance, save_checkpoint
+from preprocessing.atomic import atomic_path, write_text_atomic
+
+from . import __version__, fedarrays
+from .client_app import CLIENT_KEYS
+from .data import sort_classes
+from .fedauc import confusion_metrics, histogram_auc
+from .fedconfig import FedConfig
+from .strategies import create_strategy, load_strategy_state, strategy_state
+
+log = logging.getLogger("wsi_fl.server")
+
+#: What a training reply's MetricRecord holds (the weight FedAvg uses, and the site's mean training loss).
+TRAIN_METRICS = {"num-examples", "train-loss"}
+
+#: Settings a resumed run must share with the run it continues (the rest, e.g. rounds, may change).
+_RESUME_KEYS = ("strategy", "model", "hidden-dim", "attn-dim", "dropout", "seed", "val-frac", "test-frac",
+                "label-col")
+
+
+class FederationError(RuntimeError):
+    """The federation cannot go on (sites disagree, too few replied, a resume that does not match)."""
+
+
+@dataclass
+class FedResult:
+    out_dir: Path
+    rounds_completed: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_round: int | None = None
+
+
+def client_config(cfg: FedConfig, classes: list[str] | None) -> ConfigRecord:
+    rc = cfg.to_run_config()
+    values: dict[str, Any] = {k: rc[k] for k in CLIENT_KEYS}
+    if classes is not None:
+        values["classes"] = list(classes)
+    return ConfigRecord(values)
+
+
+def query_sites(grid: Grid, cfg: FedConfig) -> tuple[list[str], int, dict[str, Any]]:
+    """Classes (union), feature dimension and provenance agreed by all connected sites."""
+    while len(nodes := list(grid.get_node_ids())) < cfg.min_available_nodes:
+        log.info("waiting for sites: %d connected, %d needed", len(nodes), cfg.min_available_nodes)
+        time.sleep(1)
+    messages = [Message(content=RecordDict({"config": client_config(cfg, None)}), message_type=MessageType.QUERY,
+                        dst_node_id=n) for n in nodes]
+    infos = []
+    for reply in grid.send_and_receive(messages, timeout=cfg.round_timeout):
+        if reply.has_error():
+            log.warning("site %s could not describe its data: %s", reply.metadata.src_node_id, reply.error.reason)
+            continue
+        infos.append((reply.metadata.src_node_id, reply.content["info"]))
+    if len(infos) < cfg.min_available_nodes:
+        raise FederationError(f"only {len(infos)} of {len(nodes)} sites described their data "
+                              f"(min-available-nodes = {cfg.min_available_nodes}); see the sites' logs")
+    first_node, first = infos[0]
+    provenance = json.loads(first["provenance"])
+    for node, info in infos[1:]:
+        if int(info["feature-dim"]) != int(first["feature-dim"]):
+            raise FederationError(f"site {node} has {info['feature-dim']}-d features, site {first_node} "
+                                  f"{first['feature-dim']}-d: all sites must use the same encoder")
+        check_provenance(provenance, json.loads(info["provenance"]), f"site {node}")
+    classes = sort_classes(sorted({c for _, info in infos for c in info["classes"]}))
+    return classes, int(first["feature-dim"]), provenance
+
+
+def screen_replies(replies: list[Message], reference: ArrayRecord,
+                   transport: str) -> tuple[list[Message], int, int, list[int]]:
+    """(valid replies, failed count, rejected count, array bytes each valid reply sent).
+
+    Every drop is logged with its reason. The valid replies' arrays are cast to float32 in place, so a float16
+    transport is aggregated at full precision.
+    """
+    valid, failed, rejected, sent = [], 0, 0, []
+    for reply in replies:
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            failed += 1
+            log.warning("site %s failed this round: %s", node, reply.error.reason)
+            continue
+        content = reply.content
+        arrays = list(content.array_records.values())
+        metrics = list(content.metric_records.values())
+        if len(arrays) != 1 or len(metrics) != 1:
+            reason = "a reply must hold exactly one ArrayRecord and one MetricRecord"
+        else:
+            reason = fedarrays.check_update(arrays[0], reference, transport) or fedarrays.check_weight(
+                metrics[0].get("num-examples"))
+        if reason is None and set(metrics[0].keys()) != TRAIN_METRICS:
+            reason = f"metric keys {sorted(metrics[0].keys())} are not {sorted(TRAIN_METRICS)}"
+        if reason is None and not all(isinstance(v, int | float) and math.isfinite(v) for v in metrics[0].values()):
+            reason = "metrics hold NaN, Inf or non-scalars"
+        if reason is not None:
+            rejected += 1
+            log.warning("rejected the update of site %s: %s", node, reason)
+            continue
+        key = next(iter(content.array_records))
+        sent.append(fedarrays.record_nbytes(arrays[0]))
+        content.array_records[key] = ArrayRecord({k: fedarrays.Array(v)
+                                                  for k, v in fedarrays.to_numpy(arrays[0]).items()})
+        valid.append(reply)
+    return valid, failed, rejected, sent
+
+
+def aggregate_evaluation(replies: list[Message], n_classes: int, bins: int) -> dict[str, float]:
+    """Pooled metrics of the val and test splits from the sites' summed counts."""
+    out: dict[str, float] = {"eval-replies": 0}
+    hist_shape = (1 if n_classes == 2 else n_classes, 2, bins)
+    sums: dict[str, Any] = {}
+    for reply in replies:
+        if reply.has_error():
+            log.warning("site %s failed to evaluate: %s", reply.metadata.src_node_id, reply.error.reason)
+            continue
+        m = reply.content["metrics"]
+        try:
+            for split in ("val", "test"):
+                hist = np.asarray(m[f"{split}-hist"], dtype=np.int64).reshape(hist_shape)
+                cm = np.asarray(m[f"{split}-confusion"], dtype=np.int64).reshape(n_classes, n_classes)
+                if (hist < 0).any() or (cm < 0).any() or not math.isfinite(m[f"{split}-loss-sum"]):
+                    raise ValueError("negative counts or non-finite loss")
+                sums[f"{split}-hist"] = sums.get(f"{split}-hist", 0) + hist
+                sums[f"{split}-confusion"] = sums.get(f"{split}-confusion", 0) + cm
+                sums[f"{split}-n"] = sums.get(f"{split}-n", 0) + int(m[f"{split}-n"])
+                sums[f"{split}-loss-sum"] = sums.get(f"{split}-loss-sum", 0.0) + float(m[f"{split}-loss-sum"])
+        except (KeyError, ValueError, TypeError) as err:
+            log.warning("rejected the evaluation of site %s: %s", reply.metadata.src_node_id, err)
+            continue
+        out["eval-replies"] += 1
+    for split in ("val", "test"):
+        n = sums.get(f"{split}-n", 0)
+        out[f"{split}-n"] = n
+        if n:
+            out[f"{split}-loss"] = sums[f"{split}-loss-sum"] / n
+            out[f"{split}-auc"] = histogram_auc(sums[f"{split}-hist"])
+            for k, v in confusion_metrics(sums[f"{split}-confusion"]).items():
+                out[f"{split}-{k}"] = v
+    return out
+
+
+def summarise(row: dict[str, Any]) -> str:
+    """One readable line per round for the log (``metrics.jsonl`` has everything)."""
+    parts = [f"{row['aggregated']}/{row['sampled']} updates aggregated ({row['failed']} failed, "
+             f"{row['rejected']} rejected)"]
+    if "train-loss" in row:
+        parts.append(f"train loss {row['train-loss']:.3f}")
+    for split in ("val", "test"):
+        if row.get(f"{split}-n"):
+            parts.append(f"{split} loss {row[f'{split}-loss']:.3f} AUC {row[f'{split}-auc']:.3f} "
+                         f"(n={row[f'{split}-n']})")
+    if "bytes-per-client" in row:
+        parts.append(f"{row['bytes-per-client'] / 1e6:.2f} MB/site")
+    return "; ".join([*parts, f"{row['seconds']:.1f} s"])
+
+
+def _score(metrics: dict[str, float], select_on: str) -> float:
+    """Higher is better; without a validation split (``val-frac`` 0) every round beats the last."""
+    if select_on == "val-auc" and not math.isnan(metrics.get("val-auc", math.nan)):
+        return metrics["val-auc"]
+    if select_on in ("val-auc", "val-loss") and "val-loss" in metrics:
+        return -metrics["val-loss"]
+    return math.inf
+
+
+class ServerRun:
+    """One federation's state on the server: the global model, its strategy, and what is written to disk."""
+
+    def __init__(self, cfg: FedConfig, classes: list[str], feature_dim: int, provenance: dict[str, Any]) -> None:
+        self.cfg, self.classes, self.provenance = cfg, classes, provenance
+        self.out = Path(cfg.out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(cfg.seed)
+        self.model = create_model(cfg.mil_config(feature_dim, len(classes)))
+        self.arrays = fedarrays.to_record(self.model.state_dict())
+        self.strategy = create_strategy(cfg)
+        self.round = 0
+        self.best: tuple[float, int] | None = None
+        self.history: list[dict[str, Any]] = []
+
+    # -- persistence -------------------------------------------------------------------------------------------
+    def save_state(self) -> None:
+        state = {"round": self.round, "arrays": fedarrays.to_numpy(self.arrays), "best": self.best,
+                 "strategy": strategy_state(self.strategy), "config": self.cfg.to_run_config(),
+                 "classes": self.classes, "provenance": self.provenance, "random": random.getstate()}
+        with atomic_path(self.out / "state.pt") as tmp:
+            torch.save(state, tmp)
+
+    def try_resume(self) -> bool:
+        path = self.out / "state.pt"
+        if not self.cfg.resume or not path.is_file():
+            return False
+        state = torch.load(path, weights_only=False)
+        saved, now = state["config"], self.cfg.to_run_config()
+        changed = [k for k in _RESUME_KEYS if saved.get(k) != now[k]]
+        if changed or state["classes"] != self.classes:
+            what = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed) or "classes differ"
+            raise FederationError(f"{path}: cannot resume a run with other settings ({what})")
+        self.arrays = ArrayRecord({k: fedarrays.Array(v) for k, v in state["arrays"].items()})
+        load_strategy_state(self.strategy, state["strategy"])
+        self.round, self.best = int(state["round"]), state["best"]
+        random.setstate(state["random"])
+        self.history = self._read_history(upto=self.round)
+        log.info("resuming after round %d of %d from %s", self.round, self.cfg.num_server_rounds, path)
+        return True
+
+    def _read_history(self, upto: int) -> list[dict[str, Any]]:
+        path = self.out / "metrics.jsonl"
+        if not path.is_file():
+            return []
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return [r for r in rows if r["round"] <= upto]  # drop a round logged but not checkpointed
+
+    def save_checkpoint(self, name: str) -> Path:
+        self.model.load_state_dict(fedarrays.to_state_dict(self.arrays))
+        meta = {"package_version": __version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "mode": "federated", "round": self.round, "fed_config": self.cfg.to_run_config(),
+                "label_col": self.cfg.label_col,
+                "metrics": self.history[-1] if self.history else {}}
+        return save_checkpoint(self.out / name, self.model, self.classes, self.provenance, meta)
+
+    def write_metrics(self) -> None:
+        """``metrics.jsonl`` every round; the PNG every 10 rounds and at the end (plotting costs ~0.5 s)."""
+        write_text_atomic(self.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
+        if self.round % 10 == 0 or self.round >= self.cfg.num_server_rounds:
+            from .plots import plot_federated_history
+
+            plot_federated_history(self.history, self.out / "metrics.png")
+
+    # -- one round ---------------------------------------------------------------------------------------------
+    def run_round(self, grid: Grid) -> dict[str, Any]:
+        cfg, server_round, start = self.cfg, self.round + 1, time.perf_counter()
+        config = client_config(cfg, self.classes)
+        messages = list(self.strategy.configure_train(server_round, self.arrays, config, grid))
+        replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
+        valid, failed, rejected, sent = screen_replies(replies, self.arrays, cfg.transport)
+        row: dict[str, Any] = {"round": server_round, "sampled": len(messages), "replies": len(replies),
+                               "failed": failed, "rejected": rejected, "aggregated": 0}
+        if sent:
+            row["bytes-per-client"] = float(np.mean(sent))
+        if len(valid) >= cfg.min_train_nodes:
+            try:
+                new_arrays, train_metrics = self.strategy.aggregate_train(server_round, valid)
+            except (AggregationError, InconsistentMessageReplies) as err:  # keep the model, go on to next round
+                log.warning("round %d: aggregation failed (%s); the global model is unchanged", server_round, err)
+                new_arrays, train_metrics = None, None
+            if new_arrays is not None:
+                self.arrays = ArrayRecord({k: fedarrays.Array(np.asarray(v, dtype=np.float32))
+                                           for k, v in fedarrays.to_numpy(new_arrays).items()})
+                row["aggregated"] = len(valid)
+            if train_metrics is not None and "train-loss" in train_metrics:
+                row["train-loss"] = float(train_metrics["train-loss"])
+        else:
+            log.warning("round %d: %d valid updates < min-train-nodes %d; the global model is unchanged",
+                        server_round, len(valid), cfg.min_train_nodes)
+        eval_messages = list(self.strategy.configure_evaluate(server_round, self.arrays,
+                                                              client_config(cfg, self.classes), grid))
+        eval_replies = list(grid.send_and_receive(eval_messages, timeout=cfg.round_timeout))
+        row.update(aggregate_evaluation(eval_replies, len(self.classes), cfg.auc_bins))
+        row["seconds"] = round(time.perf_counter() - start, 3)
+        self.round = server_round
+        self.history.append(row)
+        score = _score(row, cfg.select_on)
+        if self.best is None or score > self.best[0] or math.isinf(score):
+            self.best = (score, server_round)
+            self.save_checkpoint("best.pt")
+        self.save_checkpoint("last.pt")
+        self.write_metrics()
+        self.save_state()
+        log.info("round %d/%d: %s", server_round, cfg.num_server_rounds, summarise(row))
+        return row
+
+
+def run_server(grid: Grid, cfg: FedConfig) -> FedResult:
+    """Run (or resume) a federation to ``num-server-rounds``; see the module doc for what is written."""
+    random.seed(cfg.seed)  # Flower samples nodes with `random`
+    classes, feature_dim, provenance = query_sites(grid, cfg)
+    log.info("federation: %d classes %s, %d-d features from %s", len(classes), classes, feature_dim,
+             provenance.get("encoder"))
+    run = ServerRun(cfg, classes, feature_dim, provenance)
+    run.try_resume()
+    while run.round < cfg.num_server_rounds:
+        run.run_round(grid)
+    return FedResult(out_dir=run.out, rounds_completed=run.round, history=run.history,
+                     best_round=run.best[1] if run.best else None)

@@ -1,0 +1,31 @@
+"""The Flower ServerApp: reads ``[tool.flwr.app.config]`` (the run config) and runs :func:`wsi_fl.fedserver.run_server`.
+
+``flwr run .`` and the simulation engine load ``app`` from here (see
+``pyproject.toml``); :func:`make_server_app` lets the Python API pass a
+configuration directly, since ``flwr.simulation.run_simulation`` hands the
+ServerApp an empty run config.
+"""
+
+from __future__ import annotations
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from .fedconfig import FedConfig
+from .federate import configure_logging
+from .fedserver import run_server
+
+
+def make_server_app(cfg: FedConfig | None = None) -> ServerApp:
+    """A ServerApp running ``cfg``, or the run config Flower provides when ``cfg`` is None."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        configure_logging()
+        run_server(grid, cfg if cfg is not None else FedConfig.from_run_config(context.run_config))
+
+    return app
+
+
+app = make_server_app()
