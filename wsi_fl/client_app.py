@@ -28,8 +28,9 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from torch.utils.data import Dataset
 
-from models import create_model
+from models import MILModel, create_model
 
 from . import fedarrays
 from .fedauc import confusion, score_histograms
@@ -111,7 +112,8 @@ def train(msg: Message, context: Context, cohort: str | Path | None = None) -> M
     return Message(content=content, reply_to=msg)
 
 
-def split_aggregates(model: torch.nn.Module, ds, prefix: str, n_classes: int, bins: int, device) -> dict:
+def split_aggregates(model: MILModel, ds: Dataset | None, prefix: str, n_classes: int, bins: int,
+                     device: torch.device) -> dict[str, int | float | list[int]]:
     """Counts and the summed loss of one split: what :mod:`wsi_fl.fedauc` needs, nothing per slide."""
     hist_shape = (1 if n_classes == 2 else n_classes) * 2 * bins
     if ds is None or len(ds) == 0:
