@@ -321,7 +321,7 @@ def test_simulation_engine_end_to_end(cohort, tmp_path, capsys):
 
 def test_comparison_scores_every_model_on_the_same_held_out_slides(cohort, tmp_path):
     from models import MILConfig
-    from wsi_fl.compare import format_table, plot_comparison, score_models, test_records
+    from wsi_fl.compare import format_table, held_out_records, plot_comparison, score_models
     from wsi_fl.evaluate import EvalOptions
     from wsi_fl.fit import fit
     from wsi_fl.training import TrainConfig
@@ -336,7 +336,7 @@ def test_comparison_scores_every_model_on_the_same_held_out_slides(cohort, tmp_p
     run_server(grid_for(cohort), fed(tmp_path, "fed", num_server_rounds=4, auc_bins=20_000))
     scored = score_models({"federated": tmp_path / "fed" / "last.pt", "pooled": tmp_path / "pooled" / "model.pt",
                            "local site_1": tmp_path / "local" / "model.pt"}, sites, val_frac=0.2, test_frac=0.3)
-    records, _ = test_records(sites, label_col="label", val_frac=0.2, test_frac=0.3, seed=0)
+    records, _ = held_out_records(sites, label_col="label", val_frac=0.2, test_frac=0.3, seed=0)
     assert {s.n for s in scored} == {len(records)} and {s for s, _ in records} == set(sites)
     for s in scored:  # the same slides in the same order for every model
         np.testing.assert_array_equal(s.targets, scored[0].targets)

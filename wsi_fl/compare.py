@@ -21,12 +21,11 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from models.checkpoint import load_checkpoint
+from models.checkpoint import check_provenance, load_checkpoint
 
-from .data import FeatureBagDataset
-from .fit import Site, assign_site_splits, load_site_records
+from .fit import Site, assign_site_splits, build_dataset, load_site_records
 from .plots import save_figure
-from .training import auc_score, concat_datasets, predict
+from .training import auc_score, predict
 
 
 @dataclass(frozen=True)
@@ -39,7 +38,7 @@ class Scored:
     probs: np.ndarray
 
 
-def test_records(sites: Sequence[Site], *, label_col: str, val_frac: float, test_frac: float, seed: int,
+def held_out_records(sites: Sequence[Site], *, label_col: str, val_frac: float, test_frac: float, seed: int,
                  classes: Sequence[str] | None = None):
     """Every site's held-out test records (the split :func:`wsi_fl.fit.fit` and the ClientApp make)."""
     pairs, classes = load_site_records(sites, label_col, classes)
@@ -53,16 +52,13 @@ def score_models(models: Mapping[str, str | Path], sites: Sequence[Site], *, lab
     out = []
     for name, path in models.items():
         model, ckpt = load_checkpoint(path)
-        pairs, _ = test_records(sites, label_col=label_col, val_frac=val_frac, test_frac=test_frac, seed=seed,
-                                classes=ckpt.classes)
-        parts = []
-        for site in sites:
-            recs = [r for s, r in pairs if s == site]
-            if recs:
-                parts.append(FeatureBagDataset(recs, site.features_dir, expected_provenance=ckpt.provenance))
-        if not parts:
+        pairs, _ = held_out_records(sites, label_col=label_col, val_frac=val_frac, test_frac=test_frac, seed=seed,
+                                    classes=ckpt.classes)
+        dataset = build_dataset(pairs, np.arange(len(pairs)), max_instances=None, seed=seed)
+        if dataset is None:
             raise ValueError("no test slides: every site needs a test split (test_frac > 0)")
-        preds = predict(model, parts[0] if len(parts) == 1 else concat_datasets(parts))
+        check_provenance(ckpt.provenance, dataset.provenance, f"test slides scored by {name}")
+        preds = predict(model, dataset)
         accuracy = float((preds.probs.argmax(1) == preds.targets).mean())
         out.append(Scored(name, auc_score(preds.targets, preds.probs), accuracy, len(preds.targets),
                           preds.targets, preds.probs))
