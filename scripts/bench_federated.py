@@ -43,6 +43,16 @@ seed, FedAvg) times pooled ``fit`` against the real simulation engine
 the same epochs (goal: simulation ÷ pooled ≤ 1.5), and reports the bytes each
 site sent per round against the model's float32 size (4 × parameters; goal
 ≤ 1.05×) and a float16-transport run's bytes and test-AUC loss (goals ½ and ≤ 0.01).
+``--deployment`` adds the deployment engine (a SuperLink and three SuperNodes on
+loopback, ``scripts/run_local_federation.py``) at the same seed: its time and its
+test AUC against the simulation's (goal: within 0.01).
+
+The dataset ``wsiscale`` (``--datasets wsiscale``) is for timing: ``--wsi-scale
+BAGS INSTANCES`` random 1024-d float16 bags, sized like whole-slide embeddings
+(a 20× slide gives thousands of tiles), half of them with a small planted
+signal. Simulation start-up (a Ray cluster, ~30 s here) is a fixed cost, so the
+overhead ratio depends on the workload: the MIL tables' bags have 2-100
+instances and train in seconds, which no fixed cost can hide.
 
 Every run is appended as one JSON line to ``--results`` (default
 ``<work>/results.jsonl``); ``--resume`` skips runs already there with the same
@@ -50,6 +60,12 @@ protocol and epochs, and the table is built from the file, so interrupted
 benchmarks keep their work. The full benchmark (hours on 2 cores)::
 
     python scripts/bench_federated.py --work /tmp/benchfed --resume [--synthetic demo-out/cohort] [--overhead]
+
+Overhead at whole-slide scale, and the deployment engine against the simulation::
+
+    python scripts/bench_federated.py --datasets wsiscale --skews size --seeds 0 --overhead --no-table
+    python scripts/bench_federated.py --datasets musk1 --skews label --seeds 0 --epochs 10 --overhead \
+        --no-table --deployment
 
 A small check::
 
@@ -92,6 +108,7 @@ DATASETS = ("musk1", "musk2", "fox", "tiger")
 SKEWS = ("label", "size")
 LABEL_SKEW_RATES = (0.2, 0.5, 0.8)  # target positive rate of each site
 SIZE_SKEW_SHARES = (0.15, 0.30, 0.55)  # share of the bags of each site
+WSI_SCALE_DIM = 1024  # feature width of the "wsiscale" timing cohort (a ResNet-50 trunk / UNI-sized embedding)
 MIN_PER_CLASS = 2  # bags of each class every site keeps, so its own train/val/test split works
 POOLED_MARGIN = 0.02
 
@@ -175,6 +192,34 @@ def write_bag_files(table: Path, dataset: str, out: Path) -> tuple[list[str], np
     return slide_ids, np.asarray(ds.targets)
 
 
+def write_wsi_scale_bags(out: Path, n_bags: int, n_instances: int, seed: int = 0) -> tuple[list[str], np.ndarray]:
+    """``n_bags`` random bags sized like whole-slide embeddings (``n_instances`` × 1024, float16), for timing.
+
+    Half are positive: 5 % of their instances are shifted by +1 in the first 64 features (a small "tumour"),
+    so the models learn something and the engines' AUCs can be compared. Reused when complete.
+    """
+    slide_ids = [f"wsiscale_b{i:03d}" for i in range(n_bags)]
+    targets = np.arange(n_bags) % 2
+    stamp = {"bags": n_bags, "instances": n_instances, "seed": seed, "dim": WSI_SCALE_DIM}
+    marker = out / ".complete.json"
+    if marker.is_file() and json.loads(marker.read_text()) == stamp:
+        return slide_ids, targets
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    n_side = math.ceil(math.sqrt(n_instances))
+    coords = np.stack([np.arange(n_instances) % n_side, np.arange(n_instances) // n_side], axis=1)
+    for slide_id, target in zip(slide_ids, targets, strict=True):
+        x = rng.standard_normal((n_instances, WSI_SCALE_DIM), dtype=np.float32)
+        if target:
+            x[rng.choice(n_instances, max(n_instances // 20, 1), replace=False), :64] += 1.0
+        with FeatureWriter(out / f"{slide_id}.h5", WSI_SCALE_DIM, feature_attrs("wsiscale", slide_id),
+                           dtype="float16") as w:
+            w.append(coords, x)
+            w.commit()
+    marker.write_text(json.dumps(stamp))
+    return slide_ids, targets
+
+
 def apportion(total: int, shares: Sequence[float]) -> list[int]:
     """``total`` split in proportion to ``shares`` (largest remainder), then topped up to MIN_PER_CLASS."""
     w = np.asarray(shares, dtype=float) / sum(shares)
@@ -211,10 +256,17 @@ def partition(targets: np.ndarray, skew: str, seed: int) -> np.ndarray:
     return site
 
 
-def build_cohort(work: Path, table: Path, dataset: str, skew: str, seed: int) -> Cohort:
-    """``work/<dataset>/<skew>-seed<k>/site_<i>/{labels.csv, features/}``; features are links to the bag files."""
+def build_cohort(work: Path, table: Path, dataset: str, skew: str, seed: int,
+                 wsi_scale: tuple[int, int] = (0, 0)) -> Cohort:
+    """``work/<dataset>/<skew>-seed<k>/site_<i>/{labels.csv, features/}``; features are links to the bag files.
+
+    ``dataset`` "wsiscale" is :func:`write_wsi_scale_bags` with ``wsi_scale`` = (bags, instances per bag).
+    """
     bags = work / dataset / "bags"
-    slide_ids, targets = write_bag_files(table, dataset, bags)
+    if dataset == "wsiscale":
+        slide_ids, targets = write_wsi_scale_bags(bags, *wsi_scale)
+    else:
+        slide_ids, targets = write_bag_files(table, dataset, bags)
     site_of = partition(targets, skew, seed)
     root = work / dataset / f"{skew}-seed{seed}"
     for k in range(int(site_of.max()) + 1):
@@ -271,7 +323,23 @@ def run_simulation(cohort_root: Path, n_sites: int, cfg: FedConfig) -> None:
         logger.setLevel(level)  # simulate() turns on the per-round INFO log; keep the rest of the output as it was
 
 
-ENGINES: dict[str, Callable[[Path, int, FedConfig], None]] = {"inline": run_inline, "simulation": run_simulation}
+def run_deployment(cohort_root: Path, n_sites: int, cfg: FedConfig) -> None:
+    """A SuperLink, one SuperNode per site and ``flwr run`` on loopback (``scripts/run_local_federation.py``)."""
+    import tomli_w
+    from run_local_federation import OWN_KEYS, run_local_federation, summary
+
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    extra = out / "run-config.toml"  # everything but rounds/out/seed, which the script sets itself
+    extra.write_text(tomli_w.dumps({k: v for k, v in cfg.to_run_config().items() if k not in OWN_KEYS}))
+    result = run_local_federation(cohort_root, out, cfg.num_server_rounds, seed=cfg.seed, run_config=str(extra),
+                                  workdir=out / "deployment", timeout=3600.0)
+    if not result["ok"]:
+        raise RuntimeError(f"deployment run failed: {summary(result)}")
+
+
+ENGINES: dict[str, Callable[[Path, int, FedConfig], None]] = {
+    "inline": run_inline, "simulation": run_simulation, "deployment": run_deployment}
 
 
 def train_federated(cohort: Cohort, out: Path, proto: Protocol, strategy: str, engine: str,
@@ -435,38 +503,53 @@ def timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - start
 
 
-def overhead(cohort: Cohort, work: Path, proto: Protocol, results: Results) -> None:
+def overhead(cohort: Cohort, work: Path, proto: Protocol, results: Results, deployment: bool) -> None:
     out = work / "overhead" / cohort.dataset / cohort.skew / f"seed{cohort.seed}"
     n = len(cohort.sites)
     print(f"\noverhead: {cohort.dataset}/{cohort.skew} seed {cohort.seed}, {proto.epochs} epochs, FedAvg; "
           f"{describe(cohort)}", flush=True)
     t_pooled = timed(lambda: train_fit(cohort.sites, out / "pooled", proto, cohort.seed))
     print(f"  pooled fit                 {t_pooled:8.1f} s", flush=True)
-    sim_dir, f32_dir, f16_dir = out / "fedavg-simulation", out / "fedavg-inline-f32", out / "fedavg-inline-f16"
-    t_sim = timed(lambda: run_simulation(cohort.root, n, proto.fed_config("fedavg", cohort.seed, n, sim_dir)))
-    print(f"  simulation engine          {t_sim:8.1f} s  (rounds {round_seconds(sim_dir):.1f} s)", flush=True)
-    t_inline = timed(lambda: run_inline(cohort.root, n, proto.fed_config("fedavg", cohort.seed, n, f32_dir)))
-    print(f"  inline engine              {t_inline:8.1f} s  (rounds {round_seconds(f32_dir):.1f} s)", flush=True)
-    run_inline(cohort.root, n, proto.fed_config("fedavg", cohort.seed, n, f16_dir, transport="float16"))
+    dirs = {name: out / f"fedavg-{name}" for name in ("simulation", "inline-f32", "inline-f16", "deployment")}
+    t_sim = timed(lambda: run_simulation(cohort.root, n, proto.fed_config("fedavg", cohort.seed, n,
+                                                                          dirs["simulation"])))
+    print(f"  simulation engine          {t_sim:8.1f} s  (rounds {round_seconds(dirs['simulation']):.1f} s)",
+          flush=True)
+    t_inline = timed(lambda: run_inline(cohort.root, n, proto.fed_config("fedavg", cohort.seed, n,
+                                                                         dirs["inline-f32"])))
+    print(f"  inline engine              {t_inline:8.1f} s  (rounds {round_seconds(dirs['inline-f32']):.1f} s)",
+          flush=True)
+    run_inline(cohort.root, n, proto.fed_config("fedavg", cohort.seed, n, dirs["inline-f16"], transport="float16"))
+    t_dep = math.nan
+    if deployment:
+        t_dep = timed(lambda: run_deployment(cohort.root, n, proto.fed_config("fedavg", cohort.seed, n,
+                                                                              dirs["deployment"])))
+        print(f"  deployment engine          {t_dep:8.1f} s  (rounds {round_seconds(dirs['deployment']):.1f} s)",
+              flush=True)
+    else:
+        del dirs["deployment"]
 
-    model, _ = load_checkpoint(sim_dir / "last.pt")
+    model, _ = load_checkpoint(dirs["simulation"] / "last.pt")
     n_params = sum(p.numel() for p in model.parameters())
     f32_size = 4 * n_params
-    b32, b16 = bytes_per_round(sim_dir), bytes_per_round(f16_dir)
-    auc = {name: score(d / "last.pt", cohort, proto)[0]
-           for name, d in (("simulation", sim_dir), ("inline-f32", f32_dir), ("inline-f16", f16_dir))}
+    b32, b16 = bytes_per_round(dirs["simulation"]), bytes_per_round(dirs["inline-f16"])
+    auc = {name: score(d / "last.pt", cohort, proto)[0] for name, d in dirs.items()}
+    sim_rounds = round_seconds(dirs["simulation"])
     report = {
         "kind": "overhead", "protocol": proto.fingerprint(), "dataset": cohort.dataset, "skew": cohort.skew,
-        "seed": cohort.seed, "epochs": proto.epochs, "pooled_s": round(t_pooled, 2),
-        "simulation_s": round(t_sim, 2), "simulation_rounds_s": round(round_seconds(sim_dir), 2),
-        "inline_s": round(t_inline, 2), "params": n_params,
-        "float32_model_bytes": f32_size, "bytes_per_client_f32": float(np.mean(b32)),
+        "seed": cohort.seed, "epochs": proto.epochs, "sites": describe(cohort), "pooled_s": round(t_pooled, 2),
+        "simulation_s": round(t_sim, 2), "simulation_rounds_s": round(sim_rounds, 2),
+        "inline_s": round(t_inline, 2), "deployment_s": None if math.isnan(t_dep) else round(t_dep, 2),
+        "params": n_params, "float32_model_bytes": f32_size, "bytes_per_client_f32": float(np.mean(b32)),
         "bytes_per_client_f16": float(np.mean(b16)), "auc": auc,
     }
     results.append(report)
     print(f"  simulation / pooled        {t_sim / t_pooled:8.2f}   (goal <= 1.5)")
-    print(f"  simulation rounds / pooled {round_seconds(sim_dir) / t_pooled:8.2f}   (without Ray start/stop)")
+    print(f"  simulation rounds / pooled {sim_rounds / t_pooled:8.2f}   (without Ray start/stop: "
+          f"{t_sim - sim_rounds:.1f} s fixed)")
     print(f"  inline / pooled            {t_inline / t_pooled:8.2f}")
+    if deployment:
+        print(f"  deployment / pooled        {t_dep / t_pooled:8.2f}   (a fresh ClientApp process per message)")
     print(f"  model: {n_params} parameters, float32 size {f32_size} B")
     print(f"  bytes per client per round float32 {np.mean(b32):.0f} B (min {min(b32):.0f}, max {max(b32):.0f}) "
           f"= {np.mean(b32) / f32_size:.4f} x float32 size (goal <= 1.05)")
@@ -475,6 +558,9 @@ def overhead(cohort: Cohort, work: Path, proto: Protocol, results: Results) -> N
     print(f"  test AUC simulation {auc['simulation']:.4f}, inline float32 {auc['inline-f32']:.4f}, "
           f"inline float16 {auc['inline-f16']:.4f}: float16 loss {auc['inline-f32'] - auc['inline-f16']:+.4f} "
           f"(goal <= 0.01)")
+    if deployment:
+        print(f"  test AUC deployment {auc['deployment']:.4f}: deployment - simulation "
+              f"{auc['deployment'] - auc['simulation']:+.4f} (goal within 0.01)")
 
 
 # -- main ------------------------------------------------------------------------------------------------------------
@@ -496,6 +582,11 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--resume", action="store_true", help="skip runs already in the results file")
     ap.add_argument("--overhead", action="store_true", help="also time pooled vs federated and measure bytes")
     ap.add_argument("--no-table", action="store_true", help="only the overhead (with --overhead)")
+    ap.add_argument("--deployment", action="store_true",
+                    help="with --overhead: also run the deployment engine (SuperLink + SuperNodes on loopback)")
+    ap.add_argument("--wsi-scale", nargs=2, type=int, default=[60, 4000], metavar=("BAGS", "INSTANCES"),
+                    help="size of the 'wsiscale' dataset: random 1024-d bags like whole-slide embeddings "
+                         "[%(default)s]")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (and OMP_NUM_THREADS for Ray workers)")
     ap.add_argument("--verbose", action="store_true", help="show Flower's per-round log")
     return ap.parse_args()
@@ -518,7 +609,8 @@ def main() -> int:
     def cohorts_for(dataset: str, skew: str) -> list[Cohort]:
         if dataset == "synthetic":
             return [synthetic_cohort(args.synthetic, seed) for seed in args.seeds]
-        return [build_cohort(work, args.data / f"{dataset}.csv", dataset, skew, seed) for seed in args.seeds]
+        return [build_cohort(work, args.data / f"{dataset}.csv", dataset, skew, seed, tuple(args.wsi_scale))
+                for seed in args.seeds]
 
     combos = [(d, s) for d in args.datasets for s in args.skews]
     if args.synthetic is not None:
@@ -532,7 +624,7 @@ def main() -> int:
                 run_cohort(cohort, results, work / "runs", proto, args.strategies, args.engine, args.resume)
         print_table(results, proto, combos, args.seeds, args.strategies)
     if args.overhead:
-        overhead(cohorts_for(*combos[0])[0], work, proto, results)
+        overhead(cohorts_for(*combos[0])[0], work, proto, results, args.deployment)
     return 0
 
 

@@ -19,6 +19,10 @@ can go in parallel. ``flwr run --stream`` exits 0 even when the run failed,
 so the verdict comes from ``flwr list --format json``. Every process started
 here is stopped again (terminate, wait, kill), also on errors, Ctrl-C and
 SIGTERM. Logs are under ``--workdir``; on failure their tails are printed.
+``--kill-site SITE`` kills that site's SuperNode and its app processes with
+SIGKILL once ``--kill-after-round`` rounds are done, as a hospital's machine
+failing mid-run would; with ``min-train-nodes`` below the number of sites the
+run must still complete.
 
 The federation is **insecure**: plain HTTP on 127.0.0.1, no TLS, no SuperNode
 authentication. That is acceptable on loopback only, never across a network.
@@ -38,7 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +155,7 @@ class Processes:
     def __init__(self, logs: Path, env: Mapping[str, str]) -> None:
         self.logs, self.env = logs, dict(env)
         self.started: dict[str, subprocess.Popen[bytes]] = {}
+        self.killed: set[str] = set()  # stopped on purpose mid-run: their end is not a failure
 
     @property
     def pids(self) -> dict[str, int]:
@@ -164,9 +169,17 @@ class Processes:
 
     def check_alive(self) -> None:
         for name, proc in self.started.items():
-            if proc.poll() is not None:
+            if name not in self.killed and proc.poll() is not None:
                 raise LocalFederationError(f"{name} (pid {proc.pid}) exited with {proc.returncode}\n"
                                            + tail(self.logs / f"{name}.log"))
+
+    def kill(self, name: str) -> None:
+        """SIGKILL ``name`` and everything in its session, as a site's machine failing mid-run would (no goodbye)."""
+        proc = self.started[name]
+        self.killed.add(name)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # its own session (start_new_session): its app processes too
+        proc.wait()
 
     def stop_all(self, grace: float = 10.0) -> None:
         """SuperNodes first, the SuperLink last, then what they started and left: terminate, wait, kill.
@@ -228,8 +241,12 @@ def wait_for_port(port: int, procs: Processes, timeout: float) -> None:
     raise LocalFederationError(f"the SuperLink did not listen on {HOST}:{port} within {timeout:.0f} s")
 
 
-def run_flwr(args: Sequence[str], procs: Processes, log: Path, timeout: float) -> tuple[int, str]:
-    """``flwr <args>`` with its output in ``log``; (exit code, output). Fails early if a process of ours dies."""
+def run_flwr(args: Sequence[str], procs: Processes, log: Path, timeout: float,
+             on_poll: Callable[[], None] | None = None) -> tuple[int, str]:
+    """``flwr <args>`` with its output in ``log``; (exit code, output). Fails early if a process of ours dies.
+
+    ``on_poll`` is called about twice a second while ``flwr`` runs (e.g. to kill a SuperNode at some round).
+    """
     with log.open("w") as out:
         proc = subprocess.Popen([executable("flwr", procs.env), *args], stdout=out, stderr=subprocess.STDOUT,
                                 env=procs.env)
@@ -239,6 +256,8 @@ def run_flwr(args: Sequence[str], procs: Processes, log: Path, timeout: float) -
                 procs.check_alive()
                 if time.monotonic() > deadline:
                     raise LocalFederationError(f"flwr {args[0]} did not end within {timeout:.0f} s\n{tail(log)}")
+                if on_poll is not None:
+                    on_poll()
                 time.sleep(0.5)
         finally:
             if proc.poll() is None:
@@ -272,29 +291,37 @@ def started_run(output: str) -> int | None:
 
 
 def read_metrics(out: Path) -> list[dict[str, Any]]:
+    """The rounds in ``out/metrics.jsonl`` so far (a last line still being written, without its newline, not yet)."""
     path = out / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in path.read_text().split("\n")[:-1] if line.strip()]
 
 
 def run_local_federation(cohort: str | Path, out: str | Path, rounds: int, *, seed: int = 0,
                          run_config: str | None = None, workdir: str | Path | None = None,
                          app: str | Path = PROJECT_ROOT, timeout: float = 1800.0,
-                         startup_timeout: float = 60.0) -> dict[str, Any]:
+                         startup_timeout: float = 60.0, kill_site: str | None = None,
+                         kill_after_round: int = 1) -> dict[str, Any]:
     """Start a SuperLink and one SuperNode per site of ``cohort``, run ``app`` for ``rounds`` rounds, stop them.
 
     ``run_config`` (``"key=value ..."``, as for ``flwr run --run-config``) is merged with ``rounds``, ``out`` and
     ``seed``; ``app`` is the Flower app directory the FAB is built from; ``timeout`` bounds the run in seconds.
+    ``kill_site`` names a site whose SuperNode (with its app processes) is killed with SIGKILL once
+    ``kill_after_round`` rounds are in ``out/metrics.jsonl``: a rehearsal of a hospital dropping out mid-run,
+    which the run must survive when ``min-train-nodes`` still holds (its ``round-timeout`` bounds the wait).
 
     Returns ``ok`` (the run finished completed and ``out/metrics.jsonl`` has ``rounds`` rounds), ``status`` and
     ``run`` (the run's ``flwr list`` entry), ``rounds_completed``, ``test_auc`` (last round), ``pids`` (every
-    process started here, all stopped on return), ``out``, ``workdir`` and ``logs``. Raises
+    process started here, all stopped on return), ``killed`` (``{site: round}``, or empty), ``seconds`` (the
+    ``flwr run`` wall time), ``out``, ``workdir`` and ``logs``. Raises
     :class:`LocalFederationError` when a process dies, ``flwr run`` fails or the timeout passes.
     """
     from wsi_fl.fedsite import discover_cohort
 
     sites = discover_cohort(cohort)
+    if kill_site is not None and kill_site not in {s.name for s in sites}:
+        raise ValueError(f"--kill-site {kill_site!r}: not a site of {cohort} ({', '.join(s.name for s in sites)})")
     out = Path(out).resolve()
     config = build_run_config(rounds, out, seed, len(sites), run_config)
     node_configs = {f"supernode-{s.name}": node_config(s.features_dir, s.labels, s.name) for s in sites}
@@ -316,8 +343,19 @@ def run_local_federation(cohort: str | Path, out: str | Path, rounds: int, *, se
                                "--node-config", node_cfg])
         print(f"federation up: SuperLink {HOST}:{link_port}, {len(sites)} SuperNodes, logs in {logs}",
               file=sys.stderr)
+        killed: dict[str, int] = {}
+
+        def maybe_kill() -> None:
+            if kill_site is not None and not killed and len(read_metrics(out)) >= kill_after_round:
+                procs.kill(f"supernode-{kill_site}")
+                killed[kill_site] = len(read_metrics(out))
+                print(f"killed the SuperNode of {kill_site} after round {killed[kill_site]}", file=sys.stderr)
+
+        start = time.monotonic()
         code, output = run_flwr(["run", str(Path(app).resolve()), CONNECTION, "--run-config",
-                                 str(work / "run-config.toml"), "--stream"], procs, logs / "flwr-run.log", timeout)
+                                 str(work / "run-config.toml"), "--stream"], procs, logs / "flwr-run.log", timeout,
+                                on_poll=maybe_kill)
+        seconds = time.monotonic() - start
         run_id = started_run(output)
         if code != 0 or run_id is None:
             raise LocalFederationError(f"flwr run failed (exit {code})\n{tail(logs / 'flwr-run.log')}")
@@ -331,7 +369,8 @@ def run_local_federation(cohort: str | Path, out: str | Path, rounds: int, *, se
     history = read_metrics(out)
     return {"ok": run["status"] == "finished:completed" and len(history) == rounds, "status": run["status"],
             "run": run, "rounds": rounds, "rounds_completed": len(history),
-            "test_auc": history[-1].get("test-auc") if history else None, "pids": procs.pids, "out": str(out),
+            "test_auc": history[-1].get("test-auc") if history else None, "pids": procs.pids, "killed": killed,
+            "seconds": round(seconds, 1), "out": str(out),
             "workdir": str(work), "logs": str(logs)}
 
 
@@ -340,6 +379,7 @@ def summary(result: Mapping[str, Any]) -> str:
     details = result["run"].get("status-details", "N/A")
     return (f"{'OK' if result['ok'] else 'FAILED'}: status {result['status']}, rounds {result['rounds_completed']}"
             f"/{result['rounds']}, last test-auc {auc}, out {result['out']}"
+            + "".join(f", {site} killed after round {r}" for site, r in result.get("killed", {}).items())
             + ("" if result["ok"] or details == "N/A" else f" ({details})"))
 
 
@@ -355,12 +395,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--workdir", type=Path, default=None, help="logs and FLWR_HOME [a new temporary directory]")
     ap.add_argument("--app", type=Path, default=PROJECT_ROOT, help="the Flower app to run [%(default)s]")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds the run may take [%(default)s]")
+    ap.add_argument("--kill-site", default=None,
+                    help="rehearse a dropout: SIGKILL this site's SuperNode mid-run (see --kill-after-round)")
+    ap.add_argument("--kill-after-round", type=int, default=1, help="rounds completed before the kill [%(default)s]")
     args = ap.parse_args(argv)
     # SIGTERM ends the script as Ctrl-C does: through the `finally` that stops every process it started.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         result = run_local_federation(args.cohort, args.out, args.rounds, seed=args.seed, run_config=args.run_config,
-                                      workdir=args.workdir, app=args.app, timeout=args.timeout)
+                                      workdir=args.workdir, app=args.app, timeout=args.timeout,
+                                      kill_site=args.kill_site, kill_after_round=args.kill_after_round)
     except (LocalFederationError, ValueError) as err:
         print(f"FAILED: {err}", file=sys.stderr)
         return 1

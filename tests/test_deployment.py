@@ -52,20 +52,30 @@ def test_script_help():
 
 
 @pytest.mark.slow
-def test_local_deployment_two_rounds(tmp_path):
+def test_local_deployment_survives_a_killed_supernode(tmp_path):
+    """Three SuperNodes on loopback; site_3's SuperNode (and its app processes) is SIGKILLed after round 1.
+
+    The run must still complete all rounds with the two sites left (``min-train-nodes=2``), and every process
+    the script started must be gone afterwards.
+    """
     script = _load_script()
     make_cohort(tmp_path / "cohort")
     out, work = tmp_path / "out", tmp_path / "work"
     result = script.run_local_federation(
-        tmp_path / "cohort", out, rounds=2, workdir=work, timeout=900,
-        run_config="min-available-nodes=3 test-frac=0.3 hidden-dim=32 attn-dim=16")
+        tmp_path / "cohort", out, rounds=3, workdir=work, timeout=900, kill_site="site_3", kill_after_round=1,
+        run_config="min-available-nodes=3 min-train-nodes=2 min-evaluate-nodes=2 round-timeout=30.0 "
+                   "test-frac=0.3 hidden-dim=32 attn-dim=16")
     logs = "\n".join(script.tail(p) for p in sorted(Path(result["logs"]).glob("*.log")))
     assert result["status"] == "finished:completed", logs
-    assert result["ok"] and result["rounds_completed"] == 2
+    assert result["ok"] and result["rounds_completed"] == 3
+    assert result["killed"] == {"site_3": 1}
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rows] == [1, 2]
-    assert all(r["aggregated"] == 3 and r["eval-replies"] == 3 for r in rows), rows
-    for name, rounds in (("best.pt", (1, 2)), ("last.pt", (2,))):
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    assert rows[0]["aggregated"] == 3 and rows[0]["eval-replies"] == 3, rows[0]
+    for row in rows[1:]:  # the dead site: no reply in time, an error reply, or no longer sampled
+        assert row["aggregated"] == 2 and row["eval-replies"] == 2, row
+        assert row["replies"] - row["failed"] == 2 and row["rejected"] == 0, row
+    for name, rounds in (("best.pt", (1, 2, 3)), ("last.pt", (3,))):
         _, ckpt = load_checkpoint(out / name)
         assert ckpt.config.in_dim == 16 and ckpt.config.hidden_dim == 32 and ckpt.classes == ["0", "1"]
         assert ckpt.meta["mode"] == "federated" and ckpt.meta["round"] in rounds

@@ -8,6 +8,7 @@ Most tests deliver messages with the in-process grid of :mod:`wsi_fl.inline_grid
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -209,6 +210,35 @@ def test_crashed_and_silent_sites_do_not_stop_the_round(cohort, tmp_path):
     assert rows[0]["aggregated"] == 3
     assert rows[1]["failed"] == 1 and rows[1]["replies"] == 2 and rows[1]["aggregated"] == 1
     assert rows[2]["replies"] == 2 and rows[2]["aggregated"] == 2  # node 3 silent: the round goes on
+
+
+def test_a_site_that_leaves_for_good_does_not_block_the_rounds(cohort, tmp_path):
+    """Flower's strategies wait without limit for min-available-nodes: a departed site used to hang the run."""
+    grid = grid_for(cohort)
+
+    def leave_after_round_1(reply, rnd):
+        if rnd == 1 and reply.metadata.message_type == MessageType.EVALUATE:
+            grid.disconnect(3)
+        return reply
+
+    grid.faults = {3: leave_after_round_1}
+    run_server(grid, fed(tmp_path, num_server_rounds=3, min_available_nodes=3, min_train_nodes=2,
+                         min_evaluate_nodes=2))
+    rows = history(tmp_path / "run")
+    assert [r["sampled"] for r in rows] == [3, 2, 2]
+    assert [r["aggregated"] for r in rows] == [3, 2, 2] and [r["eval-replies"] for r in rows] == [3, 2, 2]
+
+
+def test_too_few_sites_left_stops_with_a_resumable_error(cohort, tmp_path):
+    grid = grid_for(cohort)
+    grid.faults = {3: lambda reply, rnd: (grid.disconnect(3) if rnd == 1 else None) or reply}
+    cfg = fed(tmp_path, num_server_rounds=3, min_train_nodes=3, min_evaluate_nodes=2, round_timeout=1.0)
+    with pytest.raises(FederationError, match=r"round 2: 2 site\(s\) connected, 3 needed.*resume=true"):
+        run_server(grid, cfg)
+    assert [r["round"] for r in history(tmp_path / "run")] == [1]
+    grid.offline.clear()  # the site is back: the run continues from round 1
+    result = run_server(grid, replace(cfg, resume=True))
+    assert result.rounds_completed == 3 and [r["round"] for r in result.history] == [1, 2, 3]
 
 
 def test_too_few_replies_keep_the_global_model(cohort, tmp_path):

@@ -77,11 +77,29 @@ def client_config(cfg: FedConfig, classes: list[str] | None) -> ConfigRecord:
     return ConfigRecord(values)
 
 
+def wait_for_sites(grid: Grid, needed: int, timeout: float | None, what: str) -> list[int]:
+    """The connected node ids once at least ``needed`` are connected; FederationError after ``timeout`` s.
+
+    Flower's strategies wait for their sample without a time limit, so a federation that lost sites for good
+    would hang in its next round; the server waits here first, with a limit, and stops with a clear error
+    (the last completed round is checkpointed: ``resume=true`` continues from it).
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    reported = -1
+    while len(nodes := list(grid.get_node_ids())) < needed:
+        if deadline is not None and time.monotonic() > deadline:
+            raise FederationError(f"{what}: {len(nodes)} site(s) connected, {needed} needed, still after "
+                                  f"{timeout:.0f} s (round-timeout)")
+        if len(nodes) != reported:  # log changes only, not every second
+            log.info("%s: waiting for sites: %d connected, %d needed", what, len(nodes), needed)
+            reported = len(nodes)
+        time.sleep(1)
+    return nodes
+
+
 def query_sites(grid: Grid, cfg: FedConfig) -> tuple[list[str], int, dict[str, Any]]:
     """Classes (union), feature dimension and provenance agreed by all connected sites."""
-    while len(nodes := list(grid.get_node_ids())) < cfg.min_available_nodes:
-        log.info("waiting for sites: %d connected, %d needed", len(nodes), cfg.min_available_nodes)
-        time.sleep(1)
+    nodes = wait_for_sites(grid, cfg.min_available_nodes, None, "start")
     messages = [Message(content=RecordDict({"config": client_config(cfg, None)}), message_type=MessageType.QUERY,
                         dst_node_id=n) for n in nodes]
     infos = []
@@ -266,8 +284,16 @@ class ServerRun:
             plot_federated_history(self.history, self.out / "metrics.png")
 
     # -- one round ---------------------------------------------------------------------------------------------
+    def wait_for_sites(self, grid: Grid, needed: int, what: str) -> None:
+        try:
+            wait_for_sites(grid, needed, self.cfg.round_timeout, what)
+        except FederationError as err:
+            raise FederationError(f"{err}; round {self.round} is saved in {self.out}: run again with "
+                                  "resume=true once enough sites are back") from None
+
     def run_round(self, grid: Grid) -> dict[str, Any]:
         cfg, server_round, start = self.cfg, self.round + 1, time.perf_counter()
+        self.wait_for_sites(grid, cfg.min_train_nodes, f"round {server_round}")
         config = client_config(cfg, self.classes)
         messages = list(self.strategy.configure_train(server_round, self.arrays, config, grid))
         replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
@@ -291,6 +317,7 @@ class ServerRun:
         else:
             log.warning("round %d: %d valid updates < min-train-nodes %d; the global model is unchanged",
                         server_round, len(valid), cfg.min_train_nodes)
+        self.wait_for_sites(grid, cfg.min_evaluate_nodes, f"round {server_round} evaluation")
         eval_messages = list(self.strategy.configure_evaluate(server_round, self.arrays,
                                                               client_config(cfg, self.classes), grid))
         eval_replies = list(grid.send_and_receive(eval_messages, timeout=cfg.round_timeout))

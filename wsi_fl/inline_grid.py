@@ -5,7 +5,7 @@ by calling the ClientApp in this process, one site after another, with one
 persistent :class:`flwr.app.Context` per node (as the engine keeps them), and an
 exception in a ClientApp becomes an error reply, as it does in Flower.
 ``faults`` lets a test make a node crash, stay silent (as if it timed out) or
-tamper with its reply.
+tamper with its reply; :meth:`InlineGrid.disconnect` makes it leave for good.
 
 Why it exists: each simulation-engine run starts and stops a Ray cluster
 (tens of seconds on a 2-core machine), which dominates small federations.
@@ -36,6 +36,7 @@ class InlineGrid(Grid):
         self.contexts = {i + 1: Context(run_id=1, node_id=i + 1, node_config=dict(cfg), state=RecordDict(),
                                         run_config={}) for i, cfg in enumerate(node_configs)}
         self.faults = faults or {}
+        self.offline: set[int] = set()  # nodes gone (see disconnect): not listed, messages to them unanswered
         self.sent: list[Message] = []  # every reply a ClientApp produced, before any fault (for audits)
         self._run = Run.create_empty(run_id=1) if hasattr(Run, "create_empty") else None
         TaskIdentity.run_id = 1
@@ -54,7 +55,11 @@ class InlineGrid(Grid):
         return Message(content=content, message_type=message_type, dst_node_id=dst_node_id, group_id=group_id)
 
     def get_node_ids(self) -> Iterable[int]:
-        return list(self.contexts)
+        return [node for node in self.contexts if node not in self.offline]
+
+    def disconnect(self, node: int) -> None:
+        """``node`` leaves the federation, as a SuperNode whose heartbeats stop: a test's dropout."""
+        self.offline.add(node)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         raise NotImplementedError("InlineGrid delivers synchronously: use send_and_receive")
@@ -66,6 +71,8 @@ class InlineGrid(Grid):
         replies = []
         for msg in messages:
             node = msg.metadata.dst_node_id
+            if node in self.offline:
+                continue
             msg.metadata.__dict__["_src_node_id"] = 0
             msg.metadata.__dict__["_message_id"] = msg.object_id
             TaskIdentity.node_id = node

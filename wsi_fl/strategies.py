@@ -50,7 +50,10 @@ def _common(cfg: FedConfig) -> dict[str, Any]:
         "fraction_evaluate": cfg.fraction_evaluate,
         "min_train_nodes": cfg.min_train_nodes,
         "min_evaluate_nodes": cfg.min_evaluate_nodes,
-        "min_available_nodes": cfg.min_available_nodes,
+        # min-available-nodes gates the start only (fedserver.query_sites). Flower waits, without a time limit,
+        # for max(this, its sample size) sites before every sample: 0 leaves just the sample size (at least
+        # min-train-/min-evaluate-nodes), which fedserver.wait_for_sites has waited for with round-timeout.
+        "min_available_nodes": 0,
         "weighted_by_key": "num-examples",  # FedAvg weights each site by its number of training bags
     }
 

@@ -1,0 +1,73 @@
+"""The federated benchmark's non-IID splits and cohorts (scripts/bench_federated.py), on the real MIL tables.
+
+The benchmark's figures stand on these splits: label skew must give the sites
+low/medium/high positive rates, size skew small/medium/large sites, every site
+both classes, and the same seed the same partition.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from wsi_fl.fit import load_site_records
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(ROOT / "scripts"))  # the script imports run_local_federation beside it
+    try:
+        spec = importlib.util.spec_from_file_location("bench_federated", ROOT / "scripts" / "bench_federated.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # its dataclasses look their module up there
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop("bench_federated", None)
+        sys.path.remove(str(ROOT / "scripts"))
+
+
+@pytest.mark.parametrize("skew", ["label", "size"])
+def test_partition_is_deterministic_and_skewed(bench, skew):
+    targets = np.array([1] * 50 + [0] * 50)
+    site = bench.partition(targets, skew, seed=3)
+    assert np.array_equal(site, bench.partition(targets, skew, seed=3))
+    assert not np.array_equal(site, bench.partition(targets, skew, seed=4))
+    sizes = np.bincount(site, minlength=3)
+    rates = [targets[site == k].mean() for k in range(3)]
+    assert all(((site == k) & (targets == c)).sum() >= bench.MIN_PER_CLASS for k in range(3) for c in (0, 1))
+    if skew == "label":
+        assert rates == pytest.approx(bench.LABEL_SKEW_RATES, abs=0.02) and sizes.max() - sizes.min() <= 2
+    else:
+        assert sizes / sizes.sum() == pytest.approx(bench.SIZE_SKEW_SHARES, abs=0.02)
+        assert rates == pytest.approx([0.5] * 3, abs=0.05)
+
+
+def test_apportion_tops_up_small_classes(bench):
+    assert bench.apportion(7, (0.1, 0.1, 0.8)) == [2, 2, 3]
+    with pytest.raises(ValueError, match="cannot give 3 sites 2 each"):
+        bench.apportion(5, (1, 1, 1))
+
+
+def test_cohort_from_a_real_mil_table(bench, testdata, tmp_path):
+    table = testdata / "mil" / "musk1.csv"
+    cohort = bench.build_cohort(tmp_path, table, "musk1", "label", seed=0)
+    assert [s.name for s in cohort.sites] == ["site_1", "site_2", "site_3"]
+    pairs, classes = load_site_records(list(cohort.sites), "label", None)
+    assert classes == ["0", "1"] and len(pairs) == 92  # every bag of Musk1, once
+    assert len({r.slide_id for _, r in pairs}) == 92
+
+
+def test_wsi_scale_bags_are_valid_feature_files(bench, tmp_path):
+    cohort = bench.build_cohort(tmp_path, None, "wsiscale", "size", seed=0, wsi_scale=(12, 50))
+    pairs, classes = load_site_records(list(cohort.sites), "label", None)
+    assert classes == ["0", "1"] and len(pairs) == 12
+    stamp = (tmp_path / "wsiscale" / "bags" / ".complete.json").stat().st_mtime_ns
+    bench.build_cohort(tmp_path, None, "wsiscale", "size", seed=1, wsi_scale=(12, 50))  # reused, not rewritten
+    assert (tmp_path / "wsiscale" / "bags" / ".complete.json").stat().st_mtime_ns == stamp
