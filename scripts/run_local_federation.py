@@ -24,8 +24,24 @@ SIGKILL once ``--kill-after-round`` rounds are done, as a hospital's machine
 failing mid-run would; with ``min-train-nodes`` below the number of sites the
 run must still complete.
 
-The federation is **insecure**: plain HTTP on 127.0.0.1, no TLS, no SuperNode
-authentication. That is acceptable on loopback only, never across a network.
+**TLS and SuperNode authentication are on by default**, as across a hospital
+network. A CA and a server certificate for ``localhost``/``127.0.0.1`` are
+written to ``WORKDIR/tls`` (:mod:`wsi_fl.tlscerts`; ``scripts/make_certs.py``
+writes the same for real hosts): the SuperLink serves HTTPS with
+``--ssl-ca-certfile/--ssl-certfile/--ssl-keyfile``, SuperNodes verify it with
+``--root-certificates``, and ``flwr`` with ``root-certificates`` in its
+connection. The SuperLink runs with ``--enable-supernode-auth``: only SuperNodes
+whose public key was registered with ``flwr supernode register`` may connect.
+Each site gets an EC key pair in ``WORKDIR/tls/supernodes`` (the SuperNode signs
+its requests with ``--auth-supernode-private-key``); its public key is registered
+once the SuperLink is up. ``--unregistered-site SITE`` also starts an impostor
+SuperNode for SITE with a key that was never registered, which the SuperLink must
+refuse (the impostor stops with status 1, logging Flower's exit code 305 and
+``[code: 2004] Failed to activate SuperNode``) while the registered sites train. Each SuperNode's own Runtime API
+for its ClientApps stays plain HTTP on 127.0.0.1, inside the site's machine.
+
+``--insecure`` runs the old way: plain HTTP, no TLS, no SuperNode authentication.
+That is acceptable on loopback only, never across a network.
 """
 
 from __future__ import annotations
@@ -44,13 +60,19 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import tomli_w
+
+if TYPE_CHECKING:
+    from wsi_fl.tlscerts import NodeKeyPair
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
 CONNECTION = "local-deployment"  # the SuperLink connection's name in the run-local config.toml
+UNREGISTERED = "unregistered-"  # prefix of the process name of a SuperNode whose key was never registered
+#: How Flower 1.41 reports a SuperNode the SuperLink does not know (exit code 305, API error 2004).
+REFUSED_MARKERS = ("Exit Code: 305", "[code: 2004] Failed to activate SuperNode")
 INSECURE_WARNING = ("WARNING: insecure local federation (plain HTTP, no TLS, no SuperNode authentication) "
                     f"on {HOST} only; never use these settings across a network.")
 #: Run-config keys set by this script's own options (a passthrough --run-config may not set them as well).
@@ -136,10 +158,16 @@ def build_run_config(rounds: int, out: Path, seed: int, n_sites: int, extra: str
     return config
 
 
-def write_flwr_config(flwr_home: Path, superlink_port: int) -> None:
-    """The ``config.toml`` pointing ``flwr`` at our SuperLink (an explicit address, so Flower starts none itself)."""
+def write_flwr_config(flwr_home: Path, superlink_port: int, root_certificates: Path | None = None) -> None:
+    """The ``config.toml`` pointing ``flwr`` at our SuperLink (an explicit address, so Flower starts none itself).
+
+    With ``root_certificates`` (the CA that signed the SuperLink's certificate) ``flwr`` connects over TLS;
+    without, over plain HTTP (``insecure``).
+    """
     flwr_home.mkdir(parents=True, exist_ok=True)
-    connection = {"address": f"{HOST}:{superlink_port}", "insecure": True}
+    connection: dict[str, Any] = {"address": f"{HOST}:{superlink_port}", "insecure": root_certificates is None}
+    if root_certificates is not None:
+        connection["root-certificates"] = str(root_certificates.resolve())  # Flower wants an absolute path
     config = {"superlink": {"default": CONNECTION, CONNECTION: connection}}
     (flwr_home / "config.toml").write_text(tomli_w.dumps(config))
 
@@ -156,6 +184,7 @@ class Processes:
         self.logs, self.env = logs, dict(env)
         self.started: dict[str, subprocess.Popen[bytes]] = {}
         self.killed: set[str] = set()  # stopped on purpose mid-run: their end is not a failure
+        self.may_exit: set[str] = set()  # expected to end by themselves (a SuperNode the SuperLink refuses)
 
     @property
     def pids(self) -> dict[str, int]:
@@ -169,7 +198,7 @@ class Processes:
 
     def check_alive(self) -> None:
         for name, proc in self.started.items():
-            if name not in self.killed and proc.poll() is not None:
+            if name not in self.killed | self.may_exit and proc.poll() is not None:
                 raise LocalFederationError(f"{name} (pid {proc.pid}) exited with {proc.returncode}\n"
                                            + tail(self.logs / f"{name}.log"))
 
@@ -266,22 +295,57 @@ def run_flwr(args: Sequence[str], procs: Processes, log: Path, timeout: float,
     return proc.returncode, log.read_text(errors="replace")
 
 
+def flwr_json(env: Mapping[str, str], args: Sequence[str], timeout: float = 120.0) -> dict[str, Any]:
+    """``flwr <args> --format json``: its JSON answer (a dict). Raises :class:`LocalFederationError` otherwise."""
+    cmd = [executable("flwr", env), *args, "--format", "json"]
+    what = f"flwr {' '.join(args[:2])}"
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, env=dict(env), timeout=timeout)
+    except subprocess.TimeoutExpired as err:
+        raise LocalFederationError(f"{what} did not answer within {timeout:.0f} s") from err
+    try:
+        answer = json.loads(out.stdout)
+    except json.JSONDecodeError as err:
+        raise LocalFederationError(f"{what} printed no JSON (exit {out.returncode}):\n{out.stdout}{out.stderr}"
+                                   ) from err
+    if not isinstance(answer, dict):
+        raise LocalFederationError(f"{what} printed {answer!r}, not a JSON object")
+    return answer
+
+
 def run_status(env: Mapping[str, str], run_id: int) -> dict[str, Any]:
     """The run's entry in ``flwr list --format json`` (``status`` is e.g. ``finished:completed``)."""
-    cmd = [executable("flwr", env), "list", CONNECTION, "--run-id", str(run_id), "--format", "json"]
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, env=dict(env), timeout=120)
-    except subprocess.TimeoutExpired as err:
-        raise LocalFederationError("flwr list did not answer within 120 s") from err
-    try:
-        listing = json.loads(out.stdout)
-    except json.JSONDecodeError as err:
-        raise LocalFederationError(f"flwr list printed no JSON (exit {out.returncode}):\n{out.stdout}{out.stderr}"
-                                   ) from err
+    listing = flwr_json(env, ["list", CONNECTION, "--run-id", str(run_id)])
     runs = [r for r in listing.get("runs", []) if str(r.get("run-id")) == str(run_id)]
     if not listing.get("success", False) or not runs:
         raise LocalFederationError(f"flwr list does not know run {run_id}: {json.dumps(listing)}")
     return runs[0]
+
+
+def register_supernode(env: Mapping[str, str], public_key: Path, name: str) -> int:
+    """``flwr supernode register``: the SuperLink accepts the SuperNode with this public key; its node id."""
+    answer = flwr_json(env, ["supernode", "register", str(public_key), CONNECTION, "--name", name])
+    if not answer.get("success", False) or "node-id" not in answer:
+        raise LocalFederationError(f"flwr supernode register {public_key} failed: {json.dumps(answer)}")
+    return int(answer["node-id"])
+
+
+def refusal(procs: Processes, name: str, timeout: float) -> dict[str, Any]:
+    """Wait up to ``timeout`` s for SuperNode ``name`` to end; whether it ended as one the SuperLink refused.
+
+    Flower 1.41's SuperNode with an unregistered key ends with exit status 1 after logging ``Exit Code: 305``
+    and ``[code: 2004] Failed to activate SuperNode`` (the SuperLink answers its ActivateNode with HTTP 412).
+    """
+    proc, log = procs.started[name], procs.logs / f"{name}.log"
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        procs.check_alive()
+        time.sleep(0.2)
+    code = proc.poll()
+    text = log.read_text(errors="replace") if log.is_file() else ""
+    found = [marker for marker in REFUSED_MARKERS if marker in text]
+    return {"refused": code not in (None, 0) and len(found) == len(REFUSED_MARKERS), "exit_code": code,
+            "reason": " / ".join(found) or ("still running" if code is None else f"exited with {code}")}
 
 
 def started_run(output: str) -> int | None:
@@ -302,7 +366,8 @@ def run_local_federation(cohort: str | Path, out: str | Path, rounds: int, *, se
                          run_config: str | None = None, workdir: str | Path | None = None,
                          app: str | Path = PROJECT_ROOT, timeout: float = 1800.0,
                          startup_timeout: float = 60.0, kill_site: str | None = None,
-                         kill_after_round: int = 1) -> dict[str, Any]:
+                         kill_after_round: int = 1, insecure: bool = False,
+                         unregistered_site: str | None = None) -> dict[str, Any]:
     """Start a SuperLink and one SuperNode per site of ``cohort``, run ``app`` for ``rounds`` rounds, stop them.
 
     ``run_config`` (``"key=value ..."``, as for ``flwr run --run-config``) is merged with ``rounds``, ``out`` and
@@ -311,10 +376,19 @@ def run_local_federation(cohort: str | Path, out: str | Path, rounds: int, *, se
     ``kill_after_round`` rounds are in ``out/metrics.jsonl``: a rehearsal of a hospital dropping out mid-run,
     which the run must survive when ``min-train-nodes`` still holds (its ``round-timeout`` bounds the wait).
 
-    Returns ``ok`` (the run finished completed and ``out/metrics.jsonl`` has ``rounds`` rounds), ``status`` and
+    By default every connection is TLS (a CA and server certificate written to ``workdir/tls``) and the
+    SuperLink admits only the SuperNodes whose public keys were registered (one key pair per site in
+    ``workdir/tls/supernodes``); ``insecure=True`` runs plain HTTP without SuperNode authentication.
+    ``unregistered_site`` names a site for which one more SuperNode is started with a key that was never
+    registered; the SuperLink must refuse it (``result["unregistered"]["refused"]``).
+
+    Returns ``ok`` (the run finished completed, ``out/metrics.jsonl`` has ``rounds`` rounds, and an
+    ``unregistered_site``'s SuperNode was refused), ``status`` and
     ``run`` (the run's ``flwr list`` entry), ``rounds_completed``, ``test_auc`` (last round), ``pids`` (every
     process started here, all stopped on return), ``killed`` (``{site: round}``, or empty), ``seconds`` (the
-    ``flwr run`` wall time), ``out``, ``workdir`` and ``logs``. Raises
+    ``flwr run`` wall time), ``out``, ``workdir``, ``logs``, ``tls`` and ``auth`` (both ``not insecure``),
+    ``nodes`` (``{site: node id}`` of the registered SuperNodes; empty when insecure) and ``unregistered``
+    (None, or ``site``, ``refused``, ``exit_code`` and ``reason``: the log lines that show the refusal). Raises
     :class:`LocalFederationError` when a process dies, ``flwr run`` fails or the timeout passes.
     """
     from wsi_fl.fedsite import discover_cohort
@@ -322,26 +396,61 @@ def run_local_federation(cohort: str | Path, out: str | Path, rounds: int, *, se
     sites = discover_cohort(cohort)
     if kill_site is not None and kill_site not in {s.name for s in sites}:
         raise ValueError(f"--kill-site {kill_site!r}: not a site of {cohort} ({', '.join(s.name for s in sites)})")
+    if unregistered_site is not None and unregistered_site not in {s.name for s in sites}:
+        raise ValueError(f"--unregistered-site {unregistered_site!r}: not a site of {cohort} "
+                         f"({', '.join(s.name for s in sites)})")
+    if unregistered_site is not None and insecure:
+        raise ValueError("--unregistered-site needs SuperNode authentication, which --insecure turns off")
     out = Path(out).resolve()
     config = build_run_config(rounds, out, seed, len(sites), run_config)
-    node_configs = {f"supernode-{s.name}": node_config(s.features_dir, s.labels, s.name) for s in sites}
+    node_configs = {s.name: node_config(s.features_dir, s.labels, s.name) for s in sites}
+    impostor = UNREGISTERED + unregistered_site if unregistered_site is not None else None
     work = Path(workdir).resolve() if workdir else Path(tempfile.mkdtemp(prefix="wsi-fl-federation-"))
     logs, flwr_home = work / "logs", work / "flwr-home"
     logs.mkdir(parents=True, exist_ok=True)
     (work / "run-config.toml").write_text(tomli_w.dumps(config))
     link_port = free_port()
-    write_flwr_config(flwr_home, link_port)
+    # The SuperNodes to start: process name -> (site, TLS and authentication arguments).
+    supernodes: dict[str, tuple[str, list[str]]] = {f"supernode-{site}": (site, ["--insecure"])
+                                                    for site in node_configs}
+    link_tls: list[str] = ["--insecure"]
+    keys: dict[str, NodeKeyPair] = {}  # each site's authentication key pair, registered with the SuperLink
+    if insecure:
+        write_flwr_config(flwr_home, link_port)
+        print(INSECURE_WARNING, file=sys.stderr)
+    else:
+        from wsi_fl.tlscerts import write_supernode_keys, write_tls_certificates
+
+        tls = write_tls_certificates(work / "tls", ["localhost", HOST], overwrite=True)
+        write_flwr_config(flwr_home, link_port, tls.ca_cert)
+        link_tls = ["--ssl-ca-certfile", str(tls.ca_cert), "--ssl-certfile", str(tls.server_cert),
+                    "--ssl-keyfile", str(tls.server_key), "--enable-supernode-auth"]
+        keys = write_supernode_keys(work / "tls" / "supernodes", list(node_configs), overwrite=True)
+        private = {f"supernode-{site}": pair.private_key for site, pair in keys.items()}
+        if impostor is not None and unregistered_site is not None:  # a fresh key pair nobody registers
+            pairs = write_supernode_keys(work / "tls" / "unregistered", [unregistered_site], overwrite=True)
+            private[impostor] = pairs[unregistered_site].private_key
+            supernodes[impostor] = (unregistered_site, [])
+        supernodes = {name: (site, ["--root-certificates", str(tls.ca_cert),
+                                    "--auth-supernode-private-key", str(private[name])])
+                      for name, (site, _) in supernodes.items()}
     procs = Processes(logs, flower_env(flwr_home))
-    print(INSECURE_WARNING, file=sys.stderr)
+    nodes: dict[str, int] = {}
+    unregistered: dict[str, Any] | None = None
     try:
-        procs.start("superlink", [executable("flower-superlink", procs.env), "--insecure", "--host", HOST,
+        procs.start("superlink", [executable("flower-superlink", procs.env), *link_tls, "--host", HOST,
                                   "--port", str(link_port), "--disable-runtime-dependency-installation"])
         wait_for_port(link_port, procs, startup_timeout)
-        for name, node_cfg in node_configs.items():
-            procs.start(name, [executable("flower-supernode", procs.env), "--insecure",
+        for site, pair in keys.items():
+            nodes[site] = register_supernode(procs.env, pair.public_key, site)
+        if impostor is not None:
+            procs.may_exit.add(impostor)  # the SuperLink should refuse it, and then it ends
+        for name, (site, security_args) in supernodes.items():
+            procs.start(name, [executable("flower-supernode", procs.env), *security_args,
                                "--superlink", f"{HOST}:{link_port}", "--host", HOST, "--port", str(free_port()),
-                               "--node-config", node_cfg])
-        print(f"federation up: SuperLink {HOST}:{link_port}, {len(sites)} SuperNodes, logs in {logs}",
+                               "--node-config", node_configs[site]])
+        security = "insecure" if insecure else f"TLS, {len(nodes)} registered SuperNode keys"
+        print(f"federation up ({security}): SuperLink {HOST}:{link_port}, {len(sites)} SuperNodes, logs in {logs}",
               file=sys.stderr)
         killed: dict[str, int] = {}
 
@@ -360,6 +469,11 @@ def run_local_federation(cohort: str | Path, out: str | Path, rounds: int, *, se
         if code != 0 or run_id is None:
             raise LocalFederationError(f"flwr run failed (exit {code})\n{tail(logs / 'flwr-run.log')}")
         run = run_status(procs.env, run_id)
+        if impostor is not None and unregistered_site is not None:  # it was refused long ago, or runs still
+            unregistered = {"site": unregistered_site, **refusal(procs, impostor, startup_timeout)}
+            print(f"unregistered SuperNode for {unregistered_site}: "
+                  f"{'refused' if unregistered['refused'] else 'NOT refused'} ({unregistered['reason']})",
+                  file=sys.stderr)
     except LocalFederationError as err:
         err.pids = procs.pids
         raise
@@ -367,11 +481,14 @@ def run_local_federation(cohort: str | Path, out: str | Path, rounds: int, *, se
         procs.stop_all()
     (work / "run-status.json").write_text(json.dumps(run, indent=2) + "\n")
     history = read_metrics(out)
-    return {"ok": run["status"] == "finished:completed" and len(history) == rounds, "status": run["status"],
+    refused = unregistered is None or unregistered["refused"]
+    return {"ok": run["status"] == "finished:completed" and len(history) == rounds and refused,
+            "status": run["status"],
             "run": run, "rounds": rounds, "rounds_completed": len(history),
             "test_auc": history[-1].get("test-auc") if history else None, "pids": procs.pids, "killed": killed,
             "seconds": round(seconds, 1), "out": str(out),
-            "workdir": str(work), "logs": str(logs)}
+            "workdir": str(work), "logs": str(logs), "tls": not insecure, "auth": not insecure, "nodes": nodes,
+            "unregistered": unregistered}
 
 
 def summary(result: Mapping[str, Any]) -> str:
@@ -380,6 +497,10 @@ def summary(result: Mapping[str, Any]) -> str:
     return (f"{'OK' if result['ok'] else 'FAILED'}: status {result['status']}, rounds {result['rounds_completed']}"
             f"/{result['rounds']}, last test-auc {auc}, out {result['out']}"
             + "".join(f", {site} killed after round {r}" for site, r in result.get("killed", {}).items())
+            + ("" if not result.get("unregistered") else
+               f", unregistered SuperNode for {result['unregistered']['site']} "
+               + ("refused" if result["unregistered"]["refused"] else "NOT refused"))
+            + (", TLS and SuperNode authentication" if result.get("tls") else ", insecure")
             + ("" if result["ok"] or details == "N/A" else f" ({details})"))
 
 
@@ -398,13 +519,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--kill-site", default=None,
                     help="rehearse a dropout: SIGKILL this site's SuperNode mid-run (see --kill-after-round)")
     ap.add_argument("--kill-after-round", type=int, default=1, help="rounds completed before the kill [%(default)s]")
+    ap.add_argument("--insecure", action="store_true",
+                    help="plain HTTP without TLS or SuperNode authentication (loopback only) [TLS and auth on]")
+    ap.add_argument("--unregistered-site", default=None,
+                    help="also start a SuperNode for this site with an unregistered key; the SuperLink must refuse it")
     args = ap.parse_args(argv)
     # SIGTERM ends the script as Ctrl-C does: through the `finally` that stops every process it started.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         result = run_local_federation(args.cohort, args.out, args.rounds, seed=args.seed, run_config=args.run_config,
                                       workdir=args.workdir, app=args.app, timeout=args.timeout,
-                                      kill_site=args.kill_site, kill_after_round=args.kill_after_round)
+                                      kill_site=args.kill_site, kill_after_round=args.kill_after_round,
+                                      insecure=args.insecure, unregistered_site=args.unregistered_site)
     except (LocalFederationError, ValueError) as err:
         print(f"FAILED: {err}", file=sys.stderr)
         return 1
@@ -413,7 +539,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     if not result["ok"]:
         logs = Path(result["logs"])
-        print("\n".join(tail(p) for p in [logs / "flwr-run.log", *sorted(logs.glob("super*.log"))]), file=sys.stderr)
+        print("\n".join(tail(p) for p in [logs / "flwr-run.log", *sorted(logs.glob("super*.log")),
+                                      *sorted(logs.glob(f"{UNREGISTERED}*.log"))]), file=sys.stderr)
     print(summary(result))
     return 0 if result["ok"] else 1
 
