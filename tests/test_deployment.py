@@ -63,7 +63,7 @@ def test_local_deployment_survives_a_killed_supernode(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
     result = script.run_local_federation(
         tmp_path / "cohort", out, rounds=3, workdir=work, timeout=900, kill_site="site_3", kill_after_round=1,
-        run_config="min-available-nodes=3 min-train-nodes=2 min-evaluate-nodes=2 round-timeout=30.0 "
+        run_config="min-available-nodes=3 min-train-nodes=2 min-evaluate-nodes=2 round-timeout=60.0 "
                    "test-frac=0.3 hidden-dim=32 attn-dim=16")
     logs = "\n".join(script.tail(p) for p in sorted(Path(result["logs"]).glob("*.log")))
     assert result["status"] == "finished:completed", logs
