@@ -39,7 +39,7 @@ class Scored:
 
 
 def held_out_records(sites: Sequence[Site], *, label_col: str, val_frac: float, test_frac: float, seed: int,
-                 classes: Sequence[str] | None = None):
+                     classes: Sequence[str] | None = None):
     """Every site's held-out test records (the split :func:`wsi_fl.fit.fit` and the ClientApp make)."""
     pairs, classes = load_site_records(sites, label_col, classes)
     test = assign_site_splits(pairs, val_frac, test_frac, seed).get("test", np.zeros(0, int))

@@ -284,7 +284,8 @@ class ServerRun:
             plot_federated_history(self.history, self.out / "metrics.png")
 
     # -- one round ---------------------------------------------------------------------------------------------
-    def wait_for_sites(self, grid: Grid, needed: int, what: str) -> None:
+    def require_sites(self, grid: Grid, needed: int, what: str) -> None:
+        """:func:`wait_for_sites` with round-timeout; its error also says how to resume."""
         try:
             wait_for_sites(grid, needed, self.cfg.round_timeout, what)
         except FederationError as err:
@@ -293,7 +294,7 @@ class ServerRun:
 
     def run_round(self, grid: Grid) -> dict[str, Any]:
         cfg, server_round, start = self.cfg, self.round + 1, time.perf_counter()
-        self.wait_for_sites(grid, cfg.min_train_nodes, f"round {server_round}")
+        self.require_sites(grid, cfg.min_train_nodes, f"round {server_round}")
         config = client_config(cfg, self.classes)
         messages = list(self.strategy.configure_train(server_round, self.arrays, config, grid))
         replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
@@ -317,7 +318,7 @@ class ServerRun:
         else:
             log.warning("round %d: %d valid updates < min-train-nodes %d; the global model is unchanged",
                         server_round, len(valid), cfg.min_train_nodes)
-        self.wait_for_sites(grid, cfg.min_evaluate_nodes, f"round {server_round} evaluation")
+        self.require_sites(grid, cfg.min_evaluate_nodes, f"round {server_round} evaluation")
         eval_messages = list(self.strategy.configure_evaluate(server_round, self.arrays,
                                                               client_config(cfg, self.classes), grid))
         eval_replies = list(grid.send_and_receive(eval_messages, timeout=cfg.round_timeout))
