@@ -25,6 +25,7 @@ from .training import TrainConfig
 
 StrategyName = Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg"]
 Transport = Literal["float32", "float16"]
+DPMode = Literal["none", "client-fixed", "client-adaptive", "server-fixed", "server-adaptive"]
 SelectOn = Literal["val-auc", "val-loss", "last"]
 
 
@@ -47,6 +48,16 @@ class FedConfig:
     server_beta_2: float = field(default=0.99, metadata={"help": "FedAdam/FedYogi second-moment decay"})
     server_tau: float = field(default=1e-3, metadata={"help": "FedAdam/FedYogi adaptivity tau"})
     trim_beta: float = field(default=0.2, metadata={"help": "FedTrimmedAvg: fraction cut at each end"})
+    # Privacy (see wsi_fl.privacy and the README's threat model)
+    dp: DPMode = field(default="none", metadata={"help": "central DP: who clips the updates, fixed or adaptive norm"})
+    dp_epsilon: float = field(default=0.0, metadata={"help": "target epsilon over all rounds (0: dp-noise-multiplier)"})
+    dp_delta: float = field(default=1e-5, metadata={"help": "delta of the (epsilon, delta) guarantee"})
+    dp_noise_multiplier: float = field(default=0.0, metadata={"help": "Gaussian noise / clipping norm (dp-epsilon 0)"})
+    dp_clipping_norm: float = field(default=1.0, metadata={"help": "L2 clipping norm of a site's update (initial if "
+                                                                    "adaptive)"})
+    secagg: bool = field(default=False, metadata={"help": "SecAgg+: the server learns only the sum of updates"})
+    secagg_clipping_range: float = field(default=8.0, metadata={"help": "SecAgg+: weights clipped to +-this"})
+    secagg_quantization_range: int = field(default=4194304, metadata={"help": "SecAgg+: quantisation levels"})
     # Model (the MILConfig fields a federation chooses; in_dim and classes come from the sites)
     model: str = field(default="gated_attention", metadata={"help": "registered MIL model"})
     hidden_dim: int = field(default=512, metadata={"help": "instance embedding width"})
@@ -94,6 +105,12 @@ class FedConfig:
                              f"not {self.val_frac}, {self.test_frac}")
         if self.proximal_mu < 0 or self.lr <= 0 or self.server_lr <= 0:
             raise ValueError("run config proximal-mu must be >= 0 and lr, server-lr > 0")
+        if self.dp != "none" and not (self.dp_epsilon > 0 or self.dp_noise_multiplier > 0):
+            raise ValueError(f"run config dp = {self.dp!r} needs dp-epsilon > 0 or dp-noise-multiplier > 0")
+        if self.dp_epsilon < 0 or self.dp_noise_multiplier < 0 or self.dp_clipping_norm <= 0:
+            raise ValueError("run config dp-epsilon, dp-noise-multiplier must be >= 0 and dp-clipping-norm > 0")
+        if not 0 < self.dp_delta < 1:
+            raise ValueError(f"run config dp-delta must be in (0, 1), not {self.dp_delta}")
         self.mil_config(1, 2)  # validates model fields with MILConfig's own messages
 
     @classmethod
