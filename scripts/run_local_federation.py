@@ -126,10 +126,36 @@ def toml_string(value: str) -> str:
     raise ValueError(f"{value!r}: a path with both kinds of quotes cannot be passed in a node config")
 
 
-def node_config(features: Path, labels: Path, site_name: str) -> str:
-    """A SuperNode's ``--node-config``: where its site's data is (:func:`wsi_fl.fedsite.site_from_node_config`)."""
-    return (f"data-path={toml_string(str(features.resolve()))} labels={toml_string(str(labels.resolve()))} "
-            f"site-name={toml_string(site_name)}")
+def node_config(features: Path, labels: Path, site_name: str, **extra: str) -> str:
+    """A SuperNode's ``--node-config``: where its site's data is (:func:`wsi_fl.fedsite.site_from_node_config`).
+
+    ``extra``: more string keys (``superlink``, ``policy``, ``audit_log`` for ``audit-log``).
+    """
+    pairs = {"data-path": str(features.resolve()), "labels": str(labels.resolve()), "site-name": site_name,
+             **{k.replace("_", "-"): v for k, v in extra.items()}}
+    return " ".join(f"{k}={toml_string(v)}" for k, v in pairs.items())
+
+
+def site_policy(policy: str | Path | None, superlink: str, work: Path) -> Path:
+    """The policy file every SuperNode gets; ValueError (one line) if it does not allow ``superlink``.
+
+    Without ``policy`` it is the rehearsal policy (:func:`wsi_fl.sitepolicy.rehearsal_policy`: synthetic sites of
+    a few slides, evaluation reported) restricted to this SuperLink, written to ``work/site-policy.toml``.
+    """
+    from dataclasses import replace
+
+    from wsi_fl.sitepolicy import load_policy, rehearsal_policy
+
+    if policy is None:
+        path = work / "site-policy.toml"
+        path.write_text(tomli_w.dumps(replace(rehearsal_policy(), superlink=(superlink,)).to_dict()))
+        return path
+    path = Path(policy).resolve()
+    allowed = load_policy(path)  # PolicyError is a ValueError: a bad file stops here, before any process starts
+    if not allowed.allows_superlink(superlink):
+        raise ValueError(f"--policy {path}: SuperLink {superlink} is not allowed (superlink: "
+                         f"{', '.join(allowed.superlink)}); no SuperNode started")
+    return path
 
 
 def build_run_config(rounds: int, out: Path, seed: int, n_sites: int, extra: str | None) -> dict[str, Any]:
@@ -367,7 +393,7 @@ def run_local_federation(cohort: str | Path, out: str | Path, rounds: int, *, se
                          app: str | Path = PROJECT_ROOT, timeout: float = 1800.0,
                          startup_timeout: float = 60.0, kill_site: str | None = None,
                          kill_after_round: int = 1, insecure: bool = False,
-                         unregistered_site: str | None = None) -> dict[str, Any]:
+                         unregistered_site: str | None = None, policy: str | Path | None = None) -> dict[str, Any]:
     """Start a SuperLink and one SuperNode per site of ``cohort``, run ``app`` for ``rounds`` rounds, stop them.
 
     ``run_config`` (``"key=value ..."``, as for ``flwr run --run-config``) is merged with ``rounds``, ``out`` and
@@ -381,6 +407,10 @@ def run_local_federation(cohort: str | Path, out: str | Path, rounds: int, *, se
     ``workdir/tls/supernodes``); ``insecure=True`` runs plain HTTP without SuperNode authentication.
     ``unregistered_site`` names a site for which one more SuperNode is started with a key that was never
     registered; the SuperLink must refuse it (``result["unregistered"]["refused"]``).
+
+    Every SuperNode's node config names the SuperLink (``superlink``), a site policy (``policy``: the file
+    ``policy``, which must allow this SuperLink, else the rehearsal policy; see :func:`site_policy`) and its audit
+    log (``audit-log``: ``workdir/sites/SITE/audit.jsonl``; ``result["audit_logs"]``).
 
     Returns ``ok`` (the run finished completed, ``out/metrics.jsonl`` has ``rounds`` rounds, and an
     ``unregistered_site``'s SuperNode was refused), ``status`` and
@@ -403,13 +433,16 @@ def run_local_federation(cohort: str | Path, out: str | Path, rounds: int, *, se
         raise ValueError("--unregistered-site needs SuperNode authentication, which --insecure turns off")
     out = Path(out).resolve()
     config = build_run_config(rounds, out, seed, len(sites), run_config)
-    node_configs = {s.name: node_config(s.features_dir, s.labels, s.name) for s in sites}
     impostor = UNREGISTERED + unregistered_site if unregistered_site is not None else None
     work = Path(workdir).resolve() if workdir else Path(tempfile.mkdtemp(prefix="wsi-fl-federation-"))
     logs, flwr_home = work / "logs", work / "flwr-home"
     logs.mkdir(parents=True, exist_ok=True)
     (work / "run-config.toml").write_text(tomli_w.dumps(config))
     link_port = free_port()
+    policy_file = site_policy(policy, f"{HOST}:{link_port}", work)
+    audit_logs = {s.name: str(work / "sites" / s.name / "audit.jsonl") for s in sites}
+    node_configs = {s.name: node_config(s.features_dir, s.labels, s.name, superlink=f"{HOST}:{link_port}",
+                                        policy=str(policy_file), audit_log=audit_logs[s.name]) for s in sites}
     # The SuperNodes to start: process name -> (site, TLS and authentication arguments).
     supernodes: dict[str, tuple[str, list[str]]] = {f"supernode-{site}": (site, ["--insecure"])
                                                     for site in node_configs}
@@ -488,7 +521,7 @@ def run_local_federation(cohort: str | Path, out: str | Path, rounds: int, *, se
             "test_auc": history[-1].get("test-auc") if history else None, "pids": procs.pids, "killed": killed,
             "seconds": round(seconds, 1), "out": str(out),
             "workdir": str(work), "logs": str(logs), "tls": not insecure, "auth": not insecure, "nodes": nodes,
-            "unregistered": unregistered}
+            "unregistered": unregistered, "policy": str(policy_file), "audit_logs": audit_logs}
 
 
 def summary(result: Mapping[str, Any]) -> str:
@@ -523,6 +556,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="plain HTTP without TLS or SuperNode authentication (loopback only) [TLS and auth on]")
     ap.add_argument("--unregistered-site", default=None,
                     help="also start a SuperNode for this site with an unregistered key; the SuperLink must refuse it")
+    ap.add_argument("--policy", type=Path, default=None,
+                    help="site policy file for every SuperNode; it must allow this SuperLink [a rehearsal policy]")
     args = ap.parse_args(argv)
     # SIGTERM ends the script as Ctrl-C does: through the `finally` that stops every process it started.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
@@ -530,7 +565,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = run_local_federation(args.cohort, args.out, args.rounds, seed=args.seed, run_config=args.run_config,
                                       workdir=args.workdir, app=args.app, timeout=args.timeout,
                                       kill_site=args.kill_site, kill_after_round=args.kill_after_round,
-                                      insecure=args.insecure, unregistered_site=args.unregistered_site)
+                                      insecure=args.insecure, unregistered_site=args.unregistered_site,
+                                      policy=args.policy)
     except (LocalFederationError, ValueError) as err:
         print(f"FAILED: {err}", file=sys.stderr)
         return 1

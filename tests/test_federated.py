@@ -318,8 +318,10 @@ def test_sites_with_other_feature_spaces_are_refused(tmp_path):
 
 def test_node_config_paths_select_the_site(cohort, tmp_path):
     site = cohort / "site_2"
-    grid = InlineGrid(make_client_app(), [{"data-path": str(site / "features"), "labels": str(site / "labels.csv")},
-                                          {"data-path": str(site / "features"), "labels": str(site / "labels.csv")}])
+    (tmp_path / "policy.toml").write_text("min-train-bags = 1\nallow-site-metrics = true\n")  # a 12-slide site
+    node = {"data-path": str(site / "features"), "labels": str(site / "labels.csv"),
+            "policy": str(tmp_path / "policy.toml"), "audit-log": str(tmp_path / "audit.jsonl")}
+    grid = InlineGrid(make_client_app(), [node, node])
     run_server(grid, fed(tmp_path, num_server_rounds=1, min_available_nodes=2))
     assert history(tmp_path / "run")[0]["aggregated"] == 2
     bad = InlineGrid(make_client_app(), [{"data-path": str(tmp_path / "nowhere"), "labels": "x.csv"}] * 2)

@@ -15,7 +15,9 @@ ConfigRecord; see :data:`CLIENT_KEYS`), never by settings held here:
   (:mod:`wsi_fl.fedauc`), plus the mean loss and number of slides. No slide id,
   path, coordinate, per-slide score or patient id is ever in a reply.
 
-Where the data is comes from the node config (:mod:`wsi_fl.fedsite`).
+Where the data is comes from the node config (:mod:`wsi_fl.fedsite`). Every
+instruction passes the site's policy first and every message is written to the
+site's audit log (:mod:`wsi_fl.siteguard`, the outermost mod).
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ from . import fedarrays
 from .fedauc import confusion, score_histograms
 from .fedconfig import FedConfig
 from .fedsite import SiteData, load_site, site_from_node_config
+from .privacy import clipping_mod
+from .secagg_site import secagg_mod
+from .siteguard import SiteGuard
 from .training import make_criterion, make_loader, make_optimizer, pick_device, predict, seed_everything, train_epoch
 
 log = logging.getLogger("wsi_fl.client")
@@ -153,9 +158,18 @@ def query(msg: Message, context: Context, cohort: str | Path | None = None) -> M
     return Message(content=RecordDict({"info": info}), reply_to=msg)
 
 
+def train_bags(config: ConfigRecord, context: Context, cohort: str | Path | None = None) -> int:
+    """The site's training bags under these settings' split (what ``min-train-bags`` is checked against)."""
+    cfg, classes, _ = settings_from(config)
+    return len(site_data(context, cfg, classes, cohort).train)
+
+
 def make_client_app(cohort: str | Path | None = None) -> ClientApp:
     """A ClientApp; ``cohort`` maps simulation partition ids to sites (deployment uses the node config)."""
-    app = ClientApp()
+    guard = SiteGuard(cohort, lambda config, context: train_bags(config, context, cohort))  # policy in, audit out
+    # The guard sees every message first and every reply last (what leaves, masked under SecAgg+); secagg_mod
+    # answers SecAgg+'s stages and hands its fit stage to `train`; clipping_mod clips the update under client DP.
+    app = ClientApp(mods=[guard, secagg_mod, clipping_mod])
     app.train()(lambda msg, context: train(msg, context, cohort))
     app.evaluate()(lambda msg, context: evaluate(msg, context, cohort))
     app.query()(lambda msg, context: query(msg, context, cohort))

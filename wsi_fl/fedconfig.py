@@ -26,6 +26,11 @@ from .training import TrainConfig
 StrategyName = Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg"]
 Transport = Literal["float32", "float16"]
 DPMode = Literal["none", "client-fixed", "client-adaptive", "server-fixed", "server-adaptive"]
+
+#: Strategies whose aggregate is the plain mean of the sites' models, so noise calibrated to the mean's sensitivity
+#: makes it private (FedAdam/FedYogi keep moments of the un-noised mean; FedMedian/FedTrimmedAvg have another
+#: sensitivity).
+DP_STRATEGIES = ("fedavg", "fedprox")
 SelectOn = Literal["val-auc", "val-loss", "last"]
 
 
@@ -107,6 +112,9 @@ class FedConfig:
             raise ValueError("run config proximal-mu must be >= 0 and lr, server-lr > 0")
         if self.dp != "none" and not (self.dp_epsilon > 0 or self.dp_noise_multiplier > 0):
             raise ValueError(f"run config dp = {self.dp!r} needs dp-epsilon > 0 or dp-noise-multiplier > 0")
+        if self.dp != "none" and self.strategy not in DP_STRATEGIES:
+            raise ValueError(f"run config dp = {self.dp!r} needs strategy {' or '.join(DP_STRATEGIES)}, "
+                             f"not {self.strategy!r}")
         if self.dp_epsilon < 0 or self.dp_noise_multiplier < 0 or self.dp_clipping_norm <= 0:
             raise ValueError("run config dp-epsilon, dp-noise-multiplier must be >= 0 and dp-clipping-norm > 0")
         if not 0 < self.dp_delta < 1:

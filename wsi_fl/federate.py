@@ -19,6 +19,7 @@ from pathlib import Path
 from .fedconfig import FedConfig
 from .fedserver import FedResult, run_server
 from .fedsite import discover_cohort
+from .secagg import check_secagg_config, run_secagg_server
 
 #: Flower environment for an offline hospital network (also set by scripts/run_local_federation.py).
 OFFLINE_ENV = {
@@ -44,6 +45,7 @@ def simulate(cohort: str | Path, cfg: FedConfig, *, cpus_per_site: float = 1.0) 
     connected from the start). Raises what the server raised, e.g. a
     :class:`~wsi_fl.fedserver.FederationError` when sites disagree on features.
     """
+    check_secagg_config(cfg)  # a one-line error before the engine starts
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
     os.environ.setdefault("FLWR_HOME", str(Path(cfg.out_dir) / ".flwr"))
@@ -64,7 +66,7 @@ def simulate(cohort: str | Path, cfg: FedConfig, *, cpus_per_site: float = 1.0) 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            outcome["result"] = run_server(grid, cfg)
+            outcome["result"] = (run_secagg_server if cfg.secagg else run_server)(grid, cfg)
         except BaseException as err:  # handed back to the caller below, not swallowed by the engine's thread
             outcome["error"] = err
             raise

@@ -35,6 +35,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.exception import AggregationError, InconsistentMessageReplies
+from flwr.supercore.differential_privacy import KEY_NORM_BIT
 
 from models import create_model
 from models.checkpoint import check_provenance, save_checkpoint
@@ -45,6 +46,7 @@ from .client_app import CLIENT_KEYS
 from .data import sort_classes
 from .fedauc import confusion_metrics, histogram_auc
 from .fedconfig import FedConfig
+from .privacy import KEY_DP_WEIGHT, PrivacyLedger, make_plan, set_sample_size, wrap_strategy
 from .strategies import create_strategy, load_strategy_state, strategy_state
 
 log = logging.getLogger("wsi_fl.server")
@@ -54,7 +56,7 @@ TRAIN_METRICS = {"num-examples", "train-loss"}
 
 #: Settings a resumed run must share with the run it continues (the rest, e.g. rounds, may change).
 _RESUME_KEYS = ("strategy", "model", "hidden-dim", "attn-dim", "dropout", "seed", "val-frac", "test-frac",
-                "label-col")
+                "label-col", "dp", "dp-epsilon", "dp-delta", "dp-noise-multiplier", "dp-clipping-norm", "secagg")
 
 
 class FederationError(RuntimeError):
@@ -122,8 +124,8 @@ def query_sites(grid: Grid, cfg: FedConfig) -> tuple[list[str], int, dict[str, A
     return classes, int(first["feature-dim"]), provenance
 
 
-def screen_replies(replies: list[Message], reference: ArrayRecord,
-                   transport: str) -> tuple[list[Message], int, int, list[int]]:
+def screen_replies(replies: list[Message], reference: ArrayRecord, transport: str,
+                   metric_keys: set[str] = TRAIN_METRICS) -> tuple[list[Message], int, int, list[int]]:
     """(valid replies, failed count, rejected count, array bytes each valid reply sent).
 
     Every drop is logged with its reason. The valid replies' arrays are cast to float32 in place, so a float16
@@ -144,8 +146,8 @@ def screen_replies(replies: list[Message], reference: ArrayRecord,
         else:
             reason = fedarrays.check_update(arrays[0], reference, transport) or fedarrays.check_weight(
                 metrics[0].get("num-examples"))
-        if reason is None and set(metrics[0].keys()) != TRAIN_METRICS:
-            reason = f"metric keys {sorted(metrics[0].keys())} are not {sorted(TRAIN_METRICS)}"
+        if reason is None and set(metrics[0].keys()) != metric_keys:
+            reason = f"metric keys {sorted(metrics[0].keys())} are not {sorted(metric_keys)}"
         if reason is None and not all(isinstance(v, int | float) and math.isfinite(v) for v in metrics[0].values()):
             reason = "metrics hold NaN, Inf or non-scalars"
         if reason is not None:
@@ -207,6 +209,8 @@ def summarise(row: dict[str, Any]) -> str:
                          f"(n={row[f'{split}-n']})")
     if "bytes-per-client" in row:
         parts.append(f"{row['bytes-per-client'] / 1e6:.2f} MB/site")
+    if "dp-epsilon" in row:
+        parts.append(f"privacy spent epsilon {row['dp-epsilon']:.3g} at delta {row['dp-delta']:g}")
     return "; ".join([*parts, f"{row['seconds']:.1f} s"])
 
 
@@ -222,7 +226,8 @@ def _score(metrics: dict[str, float], select_on: str) -> float:
 class ServerRun:
     """One federation's state on the server: the global model, its strategy, and what is written to disk."""
 
-    def __init__(self, cfg: FedConfig, classes: list[str], feature_dim: int, provenance: dict[str, Any]) -> None:
+    def __init__(self, cfg: FedConfig, classes: list[str], feature_dim: int, provenance: dict[str, Any],
+                 population: int = 0) -> None:
         self.cfg, self.classes, self.provenance = cfg, classes, provenance
         self.out = Path(cfg.out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -230,6 +235,10 @@ class ServerRun:
         self.model = create_model(cfg.mil_config(feature_dim, len(classes)))
         self.arrays = fedarrays.to_record(self.model.state_dict())
         self.strategy = create_strategy(cfg)
+        plan = make_plan(cfg, max(population, 1))
+        self.ledger = PrivacyLedger(plan) if plan else None
+        if plan:
+            self.strategy = wrap_strategy(self.strategy, plan, max(population, 1))
         self.round = 0
         self.best: tuple[float, int] | None = None
         self.history: list[dict[str, Any]] = []
@@ -238,7 +247,8 @@ class ServerRun:
     def save_state(self) -> None:
         state = {"round": self.round, "arrays": fedarrays.to_numpy(self.arrays), "best": self.best,
                  "strategy": strategy_state(self.strategy), "config": self.cfg.to_run_config(),
-                 "classes": self.classes, "provenance": self.provenance, "random": random.getstate()}
+                 "classes": self.classes, "provenance": self.provenance, "random": random.getstate(),
+                 "privacy": self.privacy_state()}
         with atomic_path(self.out / "state.pt") as tmp:
             torch.save(state, tmp)
 
@@ -256,9 +266,24 @@ class ServerRun:
         load_strategy_state(self.strategy, state["strategy"])
         self.round, self.best = int(state["round"]), state["best"]
         random.setstate(state["random"])
+        self.load_privacy_state(state.get("privacy"))
         self.history = self._read_history(upto=self.round)
         log.info("resuming after round %d of %d from %s", self.round, self.cfg.num_server_rounds, path)
         return True
+
+    def privacy_state(self) -> dict[str, Any] | None:
+        """The ledger and the current clipping norm (adaptive clipping changes it every round)."""
+        if self.ledger is None:
+            return None
+        return {**self.ledger.state_dict(), "clipping_norm": float(self.strategy.clipping_norm)}
+
+    def load_privacy_state(self, state: dict[str, Any] | None) -> None:
+        """Continue the saved ledger with the saved noise: a resumed run spends from the same budget."""
+        if self.ledger is None or state is None:
+            return
+        self.ledger = PrivacyLedger.from_state(state)
+        self.strategy = wrap_strategy(create_strategy(self.cfg), self.ledger.plan, self.ledger.plan.population)
+        self.strategy.clipping_norm = state["clipping_norm"]
 
     def _read_history(self, upto: int) -> list[dict[str, Any]]:
         path = self.out / "metrics.jsonl"
@@ -292,32 +317,80 @@ class ServerRun:
             raise FederationError(f"{err}; round {self.round} is saved in {self.out}: run again with "
                                   "resume=true once enough sites are back") from None
 
-    def run_round(self, grid: Grid) -> dict[str, Any]:
-        cfg, server_round, start = self.cfg, self.round + 1, time.perf_counter()
-        self.require_sites(grid, cfg.min_train_nodes, f"round {server_round}")
-        config = client_config(cfg, self.classes)
-        messages = list(self.strategy.configure_train(server_round, self.arrays, config, grid))
-        replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
-        valid, failed, rejected, sent = screen_replies(replies, self.arrays, cfg.transport)
-        row: dict[str, Any] = {"round": server_round, "sampled": len(messages), "replies": len(replies),
-                               "failed": failed, "rejected": rejected, "aggregated": 0}
-        if sent:
-            row["bytes-per-client"] = float(np.mean(sent))
-        if len(valid) >= cfg.min_train_nodes:
+    def train_metric_keys(self) -> set[str]:
+        """A training reply's metric keys: adaptive clipping at the site adds whether it clipped."""
+        return TRAIN_METRICS | ({KEY_NORM_BIT} if self.cfg.dp == "client-adaptive" else set())
+
+    def check_budget(self, server_round: int) -> None:
+        if self.ledger is not None and self.ledger.next_release_exceeds():
+            raise FederationError(f"round {server_round} would spend more than the privacy budget (epsilon "
+                                  f"{self.ledger.plan.target_epsilon} at delta {self.ledger.plan.delta}; spent "
+                                  f"{self.ledger.epsilon:.3f} in {self.ledger.releases} rounds): the run stops here")
+
+    def prepare_private_round(self, messages: list[Message], valid: list[Message]) -> bool:
+        """Under DP, aggregate only if every sampled site sent a valid update, with equal weights.
+
+        The noise is calibrated to the mean of exactly the sampled sites (``σ C / m``): a mean over fewer would
+        be under-noised, so such a round publishes nothing (and spends nothing).
+        """
+        sampled = set_sample_size(self.strategy, messages)
+        if len(valid) < sampled:
+            log.warning("round %d: %d of %d sampled sites sent a valid update; under differential privacy a round "
+                        "aggregates all or none, so the global model is unchanged", self.round + 1, len(valid),
+                        sampled)
+            return False
+        for reply in valid:
+            next(iter(reply.content.metric_records.values()))[KEY_DP_WEIGHT] = 1
+        return True
+
+    def aggregate(self, server_round: int, messages: list[Message], valid: list[Message], row: dict[str, Any]) -> None:
+        """The new global model from the valid updates, when there are enough (else it stays); fills ``row``."""
+        if self.ledger is not None and not self.prepare_private_round(messages, valid):
+            new_arrays, train_metrics = None, None
+        elif len(valid) < self.cfg.min_train_nodes:
+            log.warning("round %d: %d valid updates < min-train-nodes %d; the global model is unchanged",
+                        server_round, len(valid), self.cfg.min_train_nodes)
+            new_arrays, train_metrics = None, None
+        else:
             try:
                 new_arrays, train_metrics = self.strategy.aggregate_train(server_round, valid)
             except (AggregationError, InconsistentMessageReplies) as err:  # keep the model, go on to next round
                 log.warning("round %d: aggregation failed (%s); the global model is unchanged", server_round, err)
                 new_arrays, train_metrics = None, None
-            if new_arrays is not None:
-                self.arrays = ArrayRecord({k: fedarrays.Array(np.asarray(v, dtype=np.float32))
-                                           for k, v in fedarrays.to_numpy(new_arrays).items()})
-                row["aggregated"] = len(valid)
-            if train_metrics is not None and "train-loss" in train_metrics:
-                row["train-loss"] = float(train_metrics["train-loss"])
-        else:
-            log.warning("round %d: %d valid updates < min-train-nodes %d; the global model is unchanged",
-                        server_round, len(valid), cfg.min_train_nodes)
+        if new_arrays is not None:
+            if self.ledger is not None:
+                self.ledger.spend()
+            self.arrays = ArrayRecord({k: fedarrays.Array(np.asarray(v, dtype=np.float32))
+                                       for k, v in fedarrays.to_numpy(new_arrays).items()})
+            row["aggregated"] = len(valid)
+        if train_metrics is not None and "train-loss" in train_metrics:
+            row["train-loss"] = float(train_metrics["train-loss"])
+        if self.ledger is not None:
+            row.update({"dp-epsilon": self.ledger.epsilon, "dp-delta": self.ledger.plan.delta,
+                        "dp-releases": self.ledger.releases, "dp-noise-multiplier": self.ledger.plan.noise_multiplier,
+                        "dp-clipping-norm": float(self.strategy.clipping_norm)})
+
+    def run_round(self, grid: Grid) -> dict[str, Any]:
+        cfg, server_round, start = self.cfg, self.round + 1, time.perf_counter()
+        self.require_sites(grid, cfg.min_train_nodes, f"round {server_round}")
+        config = client_config(cfg, self.classes)
+        if self.ledger is not None:
+            self.check_budget(server_round)
+            config["dp-noise-multiplier"] = self.ledger.plan.noise_multiplier  # what a site's policy checks
+        messages = list(self.strategy.configure_train(server_round, self.arrays, config, grid))
+        replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
+        valid, failed, rejected, sent = screen_replies(replies, self.arrays, cfg.transport, self.train_metric_keys())
+        row: dict[str, Any] = {"round": server_round, "sampled": len(messages), "replies": len(replies),
+                               "failed": failed, "rejected": rejected, "aggregated": 0}
+        if sent:
+            row["bytes-per-client"] = float(np.mean(sent))
+        self.aggregate(server_round, messages, valid, row)
+        self.finish_round(grid, row, start)
+        return row
+
+    def finish_round(self, grid: Grid, row: dict[str, Any], start: float) -> None:
+        """Federated evaluation of the new global model, then checkpoints, metrics and state (any training path)."""
+        cfg, server_round = self.cfg, row["round"]
         self.require_sites(grid, cfg.min_evaluate_nodes, f"round {server_round} evaluation")
         eval_messages = list(self.strategy.configure_evaluate(server_round, self.arrays,
                                                               client_config(cfg, self.classes), grid))
@@ -334,7 +407,6 @@ class ServerRun:
         self.write_metrics()
         self.save_state()
         log.info("round %d/%d: %s", server_round, cfg.num_server_rounds, summarise(row))
-        return row
 
 
 def run_server(grid: Grid, cfg: FedConfig) -> FedResult:
@@ -343,7 +415,7 @@ def run_server(grid: Grid, cfg: FedConfig) -> FedResult:
     classes, feature_dim, provenance = query_sites(grid, cfg)
     log.info("federation: %d classes %s, %d-d features from %s", len(classes), classes, feature_dim,
              provenance.get("encoder"))
-    run = ServerRun(cfg, classes, feature_dim, provenance)
+    run = ServerRun(cfg, classes, feature_dim, provenance, population=len(list(grid.get_node_ids())))
     run.try_resume()
     while run.round < cfg.num_server_rounds:
         run.run_round(grid)

@@ -22,11 +22,17 @@ from typing import Any
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 Fault = Callable[[Message, int], Message | None]  # (reply, server round) -> reply to deliver, or None (silence)
+
+
+def over_the_wire(msg: Message) -> Message:
+    """A copy of ``msg`` through Flower's protobuf serialisation, as a SuperLink would deliver it."""
+    return message_from_proto(message_to_proto(msg))
 
 
 class InlineGrid(Grid):
@@ -70,6 +76,7 @@ class InlineGrid(Grid):
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         replies = []
         for msg in messages:
+            msg = over_the_wire(msg)  # each site gets its own copy, as over a network (mods may edit messages)
             node = msg.metadata.dst_node_id
             if node in self.offline:
                 continue
@@ -82,7 +89,7 @@ class InlineGrid(Grid):
                 reply = Message(Error(code=1, reason=f"{type(err).__name__}: {err}"), reply_to=msg)
             finally:
                 TaskIdentity.node_id = 0
-            self.sent.append(reply)
+            self.sent.append(over_the_wire(reply))  # as sent: the server screens and clips replies in place
             fault = self.faults.get(node)
             if fault is not None:
                 config = msg.content.config_records.get("config", {}) if msg.has_content() else {}

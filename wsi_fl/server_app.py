@@ -14,6 +14,7 @@ from flwr.serverapp import Grid, ServerApp
 from .fedconfig import FedConfig
 from .federate import configure_logging
 from .fedserver import run_server
+from .secagg import run_secagg_server
 
 
 def make_server_app(cfg: FedConfig | None = None) -> ServerApp:
@@ -23,7 +24,8 @@ def make_server_app(cfg: FedConfig | None = None) -> ServerApp:
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         configure_logging()
-        run_server(grid, cfg if cfg is not None else FedConfig.from_run_config(context.run_config))
+        run_cfg = cfg if cfg is not None else FedConfig.from_run_config(context.run_config)
+        (run_secagg_server if run_cfg.secagg else run_server)(grid, run_cfg)
 
     return app
 

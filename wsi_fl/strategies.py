@@ -16,6 +16,7 @@ import numpy as np
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Strategy
 
 from .fedconfig import FedConfig
+from .privacy import KEY_DP_WEIGHT
 
 StrategyFactory = Callable[[FedConfig], Strategy]
 _STRATEGIES: dict[str, StrategyFactory] = {}
@@ -54,7 +55,8 @@ def _common(cfg: FedConfig) -> dict[str, Any]:
         # for max(this, its sample size) sites before every sample: 0 leaves just the sample size (at least
         # min-train-/min-evaluate-nodes), which fedserver.wait_for_sites has waited for with round-timeout.
         "min_available_nodes": 0,
-        "weighted_by_key": "num-examples",  # FedAvg weights each site by its number of training bags
+        # FedAvg weights each site by its number of training bags; under DP equally (privacy.KEY_DP_WEIGHT).
+        "weighted_by_key": "num-examples" if cfg.dp == "none" else KEY_DP_WEIGHT,
     }
 
 
