@@ -179,3 +179,19 @@ def test_dp_noise_changes_the_model_and_more_noise_hurts_more(cohort, tmp_path):
     noisy = history(run_server(grid_for(cohort), fed(tmp_path, "noisy", num_server_rounds=6, dp="server-fixed",
                                                      dp_noise_multiplier=50.0, dp_clipping_norm=1.0)).out_dir)[-1]
     assert plain["test-loss"] < noisy["test-loss"]
+
+
+@pytest.mark.parametrize("min_noise, aggregated", [(0.5, [3, 3]), (100.0, None)])
+def test_a_site_requiring_dp_checks_the_noise_in_force(cohort, tmp_path, min_noise, aggregated):
+    """Calibrated to a target epsilon, every instruction (query, train, evaluate) declares the noise multiplier."""
+    policy = tmp_path / "policy.toml"
+    policy.write_text(f"min-train-bags = 1\nallow-site-metrics = true\nrequire-dp = true\n"
+                      f"min-noise-multiplier = {min_noise}\n")
+    grid = InlineGrid(make_client_app(cohort), [{"partition-id": i, "policy": str(policy)} for i in range(3)])
+    cfg = fed(tmp_path, dp="client-fixed", dp_epsilon=8.0, num_server_rounds=2)  # noise multiplier 0.90
+    if aggregated is None:
+        with pytest.raises(FederationError, match="described their data"):
+            run_server(grid, cfg)
+        return
+    rows = history(run_server(grid, cfg).out_dir)
+    assert [r["aggregated"] for r in rows] == aggregated and all(r["eval-replies"] == 3 for r in rows)

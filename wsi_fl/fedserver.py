@@ -46,7 +46,7 @@ from .client_app import CLIENT_KEYS
 from .data import sort_classes
 from .fedauc import confusion_metrics, histogram_auc
 from .fedconfig import FedConfig
-from .privacy import KEY_DP_WEIGHT, PrivacyLedger, make_plan, set_sample_size, wrap_strategy
+from .privacy import KEY_DP_WEIGHT, PrivacyLedger, make_plan, planned_noise, set_sample_size, wrap_strategy
 from .strategies import create_strategy, load_strategy_state, strategy_state
 
 log = logging.getLogger("wsi_fl.server")
@@ -71,9 +71,16 @@ class FedResult:
     best_round: int | None = None
 
 
-def client_config(cfg: FedConfig, classes: list[str] | None) -> ConfigRecord:
+def client_config(cfg: FedConfig, classes: list[str] | None,
+                  noise_multiplier: float | None = None) -> ConfigRecord:
+    """The settings sent with every instruction; under DP the noise multiplier in force (what a site's policy checks).
+
+    ``noise_multiplier``: the run's (a resumed run keeps its own), else the one ``cfg`` plans.
+    """
     rc = cfg.to_run_config()
     values: dict[str, Any] = {k: rc[k] for k in CLIENT_KEYS}
+    if cfg.dp != "none":
+        values["dp-noise-multiplier"] = noise_multiplier if noise_multiplier is not None else planned_noise(cfg)
     if classes is not None:
         values["classes"] = list(classes)
     return ConfigRecord(values)
@@ -110,7 +117,7 @@ def query_sites(grid: Grid, cfg: FedConfig) -> tuple[list[str], int, dict[str, A
             log.warning("site %s could not describe its data: %s", reply.metadata.src_node_id, reply.error.reason)
             continue
         infos.append((reply.metadata.src_node_id, reply.content["info"]))
-    if len(infos) < cfg.min_available_nodes:
+    if not infos or len(infos) < cfg.min_available_nodes:
         raise FederationError(f"only {len(infos)} of {len(nodes)} sites described their data "
                               f"(min-available-nodes = {cfg.min_available_nodes}); see the sites' logs")
     first_node, first = infos[0]
@@ -317,6 +324,10 @@ class ServerRun:
             raise FederationError(f"{err}; round {self.round} is saved in {self.out}: run again with "
                                   "resume=true once enough sites are back") from None
 
+    def instruction(self) -> ConfigRecord:
+        """:func:`client_config` with this run's noise multiplier."""
+        return client_config(self.cfg, self.classes, self.ledger.plan.noise_multiplier if self.ledger else None)
+
     def train_metric_keys(self) -> set[str]:
         """A training reply's metric keys: adaptive clipping at the site adds whether it clipped."""
         return TRAIN_METRICS | ({KEY_NORM_BIT} if self.cfg.dp == "client-adaptive" else set())
@@ -373,10 +384,9 @@ class ServerRun:
     def run_round(self, grid: Grid) -> dict[str, Any]:
         cfg, server_round, start = self.cfg, self.round + 1, time.perf_counter()
         self.require_sites(grid, cfg.min_train_nodes, f"round {server_round}")
-        config = client_config(cfg, self.classes)
+        config = self.instruction()
         if self.ledger is not None:
             self.check_budget(server_round)
-            config["dp-noise-multiplier"] = self.ledger.plan.noise_multiplier  # what a site's policy checks
         messages = list(self.strategy.configure_train(server_round, self.arrays, config, grid))
         replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
         valid, failed, rejected, sent = screen_replies(replies, self.arrays, cfg.transport, self.train_metric_keys())
@@ -392,8 +402,7 @@ class ServerRun:
         """Federated evaluation of the new global model, then checkpoints, metrics and state (any training path)."""
         cfg, server_round = self.cfg, row["round"]
         self.require_sites(grid, cfg.min_evaluate_nodes, f"round {server_round} evaluation")
-        eval_messages = list(self.strategy.configure_evaluate(server_round, self.arrays,
-                                                              client_config(cfg, self.classes), grid))
+        eval_messages = list(self.strategy.configure_evaluate(server_round, self.arrays, self.instruction(), grid))
         eval_replies = list(grid.send_and_receive(eval_messages, timeout=cfg.round_timeout))
         row.update(aggregate_evaluation(eval_replies, len(self.classes), cfg.auc_bins))
         row["seconds"] = round(time.perf_counter() - start, 3)

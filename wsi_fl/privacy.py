@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from typing import Any
 
 from flwr.app import Context, Message
@@ -101,12 +102,24 @@ def calibrate_noise(target_epsilon: float, delta: float, releases: int) -> float
     return hi
 
 
+@lru_cache(maxsize=32)
+def _calibrated(target_epsilon: float, delta: float, releases: int) -> float:
+    return calibrate_noise(target_epsilon, delta, releases)
+
+
+def planned_noise(cfg: FedConfig) -> float:
+    """The noise multiplier ``cfg`` asks for: calibrated to ``dp-epsilon`` over its rounds, else as given."""
+    if cfg.dp_epsilon:
+        return _calibrated(cfg.dp_epsilon, cfg.dp_delta, cfg.num_server_rounds)
+    return cfg.dp_noise_multiplier
+
+
 def make_plan(cfg: FedConfig, population: int) -> PrivacyPlan | None:
     """The federation's noise (None without DP); ``population``: sites connected at the start."""
     if cfg.dp == "none":
         return None
     target = cfg.dp_epsilon or None
-    sigma = calibrate_noise(target, cfg.dp_delta, cfg.num_server_rounds) if target else cfg.dp_noise_multiplier
+    sigma = planned_noise(cfg)
     plan = PrivacyPlan(mode=cfg.dp, noise_multiplier=sigma, clipping_norm=cfg.dp_clipping_norm, delta=cfg.dp_delta,
                        population=population, target_epsilon=target)
     log.info("differential privacy (%s): noise multiplier %.3f, clipping norm %g, %s", cfg.dp, sigma,
