@@ -7,6 +7,7 @@ the same sites serve local, pooled and federated tests.
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -49,3 +50,16 @@ def make_site(root: Path, name: str, n_slides: int, seed: int, *, shift: float =
 def make_cohort(root: Path, sizes: tuple[int, ...] = (10, 12, 14), seed: int = 0, **kw) -> list[Site]:
     """One site per size (``site_1``...), each with its own seed; returns the sites in cohort order."""
     return [make_site(root, f"site_{k + 1}", n, seed + 101 * k, **kw) for k, n in enumerate(sizes)]
+
+
+def grid_for(cohort: Path, faults=None):
+    """An in-process federation of the cohort's first three sites (simulation partitions 0-2)."""
+    from wsi_fl.client_app import make_client_app
+    from wsi_fl.inline_grid import InlineGrid
+
+    return InlineGrid(make_client_app(cohort), [{"partition-id": i} for i in range(3)], faults=faults)
+
+
+def history(out: Path) -> list[dict]:
+    """The rows of a federated run's ``metrics.jsonl``."""
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

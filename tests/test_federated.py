@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tomllib
 import torch
-from bagsites import make_cohort, make_site
+from bagsites import grid_for, history, make_cohort, make_site
 from flwr.app import Array, ArrayRecord, ConfigRecord, MessageType
 from sklearn.metrics import roc_auc_score
 
@@ -42,16 +42,10 @@ def cohort(tmp_path_factory) -> Path:
     return root
 
 
-def grid_for(cohort: Path, faults=None) -> InlineGrid:
-    return InlineGrid(make_client_app(cohort), [{"partition-id": i} for i in range(3)], faults=faults)
-
 
 def fed(tmp_path: Path, name: str = "run", **kw) -> FedConfig:
     return FedConfig(**{**SMALL, "num_server_rounds": 3, "out_dir": str(tmp_path / name), **kw})
 
-
-def history(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 # -- configuration -----------------------------------------------------------------------------------------------

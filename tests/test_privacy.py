@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-from bagsites import make_cohort
+from bagsites import grid_for, history, make_cohort
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
@@ -30,16 +29,10 @@ def cohort(tmp_path_factory) -> Path:
     return root
 
 
-def grid_for(cohort: Path, faults=None) -> InlineGrid:
-    return InlineGrid(make_client_app(cohort), [{"partition-id": i} for i in range(3)], faults=faults)
-
 
 def fed(tmp_path: Path, name: str = "run", **kw) -> FedConfig:
     return FedConfig(**{**SMALL, "out_dir": str(tmp_path / name), **kw})
 
-
-def history(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def update_norms(grid: InlineGrid, start: dict[int, ArrayRecord]) -> list[float]:

@@ -7,14 +7,13 @@ against what the sites held.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from bagsites import DIM, make_cohort
+from bagsites import DIM, history, make_cohort
 from flwr.app import Context, Message, MessageType
 from flwr.clientapp import ClientApp
 from flwr.common import bytes_to_ndarray
@@ -66,9 +65,6 @@ def sites(app: ClientApp, faults=None) -> InlineGrid:
 def fed(tmp_path: Path, name: str, **kw) -> FedConfig:
     return FedConfig(**{**SMALL, "num_server_rounds": 1, "out_dir": str(tmp_path / name), **kw})
 
-
-def history(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def weights(path: Path) -> dict[str, np.ndarray]:
