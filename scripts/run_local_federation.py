@@ -204,11 +204,16 @@ def tail(path: Path, lines: int = 40) -> str:
 
 
 class Processes:
-    """The long-running processes of one federation; each logs to its own file and is stopped by its PID."""
+    """The long-running processes of one federation; each logs to its own file and is stopped by its PID.
 
-    def __init__(self, logs: Path, env: Mapping[str, str]) -> None:
-        self.logs, self.env = logs, dict(env)
+    A process may be a container (``podman run`` in the foreground): it is then also killed and removed by its
+    container name, since signals to the engine's client do not always reach the container.
+    """
+
+    def __init__(self, logs: Path, env: Mapping[str, str], engine: str = "podman") -> None:
+        self.logs, self.env, self.engine = logs, dict(env), engine
         self.started: dict[str, subprocess.Popen[bytes]] = {}
+        self.containers: dict[str, str] = {}  # process name -> container name
         self.killed: set[str] = set()  # stopped on purpose mid-run: their end is not a failure
         self.may_exit: set[str] = set()  # expected to end by themselves (a SuperNode the SuperLink refuses)
 
@@ -216,7 +221,9 @@ class Processes:
     def pids(self) -> dict[str, int]:
         return {name: proc.pid for name, proc in self.started.items()}
 
-    def start(self, name: str, cmd: Sequence[str]) -> None:
+    def start(self, name: str, cmd: Sequence[str], container: str | None = None) -> None:
+        if container is not None:
+            self.containers[name] = container
         with (self.logs / f"{name}.log").open("wb") as log:
             # A session of its own: Ctrl-C in the terminal reaches this script only, which stops them in order.
             self.started[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
@@ -232,6 +239,10 @@ class Processes:
         """SIGKILL ``name`` and everything in its session, as a site's machine failing mid-run would (no goodbye)."""
         proc = self.started[name]
         self.killed.add(name)
+        if name in self.containers:
+            from wsi_fl.containers import kill
+
+            kill(self.engine, self.containers[name])
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)  # its own session (start_new_session): its app processes too
         proc.wait()
@@ -244,6 +255,11 @@ class Processes:
         """
         procs = list(reversed(self.started.values()))
         below = [pid for proc in procs if proc.poll() is None for pid in descendants(proc.pid)]
+        if self.containers:
+            from wsi_fl.containers import remove
+
+            for name in reversed(self.containers):
+                remove(self.engine, self.containers[name], grace=int(grace))
         for proc in procs:
             if proc.poll() is None:
                 proc.terminate()
@@ -393,7 +409,8 @@ def run_local_federation(cohort: str | Path, out: str | Path, rounds: int, *, se
                          app: str | Path = PROJECT_ROOT, timeout: float = 1800.0,
                          startup_timeout: float = 60.0, kill_site: str | None = None,
                          kill_after_round: int = 1, insecure: bool = False,
-                         unregistered_site: str | None = None, policy: str | Path | None = None) -> dict[str, Any]:
+                         unregistered_site: str | None = None, policy: str | Path | None = None,
+                         site_image: str | None = None, server_image: str | None = None) -> dict[str, Any]:
     """Start a SuperLink and one SuperNode per site of ``cohort``, run ``app`` for ``rounds`` rounds, stop them.
 
     ``run_config`` (``"key=value ..."``, as for ``flwr run --run-config``) is merged with ``rounds``, ``out`` and
@@ -412,12 +429,19 @@ def run_local_federation(cohort: str | Path, out: str | Path, rounds: int, *, se
     ``policy``, which must allow this SuperLink, else the rehearsal policy; see :func:`site_policy`) and its audit
     log (``audit-log``: ``workdir/sites/SITE/audit.jsonl``; ``result["audit_logs"]``).
 
+    ``site_image`` / ``server_image`` run the SuperNodes / the SuperLink in those images (the Dockerfile's
+    ``site`` and ``server`` targets) instead of this environment, with ``podman`` (or
+    ``$WSI_FL_CONTAINER_ENGINE``) on the host network; each container sees only its own files
+    (:mod:`wsi_fl.containers`): a site its features, labels, policy, CA certificate and private key read-only
+    and its audit-log directory writable; the SuperLink its certificate files and ``out``.
+
     Returns ``ok`` (the run finished completed, ``out/metrics.jsonl`` has ``rounds`` rounds, and an
     ``unregistered_site``'s SuperNode was refused), ``status`` and
     ``run`` (the run's ``flwr list`` entry), ``rounds_completed``, ``test_auc`` (last round), ``pids`` (every
     process started here, all stopped on return), ``killed`` (``{site: round}``, or empty), ``seconds`` (the
     ``flwr run`` wall time), ``out``, ``workdir``, ``logs``, ``tls`` and ``auth`` (both ``not insecure``),
-    ``nodes`` (``{site: node id}`` of the registered SuperNodes; empty when insecure) and ``unregistered``
+    ``nodes`` (``{site: node id}`` of the registered SuperNodes; empty when insecure), ``containers``
+    (``{process: container name}``, empty without images) and ``unregistered``
     (None, or ``site``, ``refused``, ``exit_code`` and ``reason``: the log lines that show the refusal). Raises
     :class:`LocalFederationError` when a process dies, ``flwr run`` fails or the timeout passes.
     """
@@ -448,6 +472,8 @@ def run_local_federation(cohort: str | Path, out: str | Path, rounds: int, *, se
                                                     for site in node_configs}
     link_tls: list[str] = ["--insecure"]
     keys: dict[str, NodeKeyPair] = {}  # each site's authentication key pair, registered with the SuperLink
+    link_files: list[Path] = []  # what the SuperLink reads: its certificate and key, the CA
+    node_files: dict[str, list[Path]] = {name: [] for name in supernodes}  # what each SuperNode reads
     if insecure:
         write_flwr_config(flwr_home, link_port)
         print(INSECURE_WARNING, file=sys.stderr)
@@ -467,21 +493,44 @@ def run_local_federation(cohort: str | Path, out: str | Path, rounds: int, *, se
         supernodes = {name: (site, ["--root-certificates", str(tls.ca_cert),
                                     "--auth-supernode-private-key", str(private[name])])
                       for name, (site, _) in supernodes.items()}
-    procs = Processes(logs, flower_env(flwr_home))
+        link_files = [tls.ca_cert, tls.server_cert, tls.server_key]
+        node_files = {name: [tls.ca_cert, private[name]] for name in supernodes}
+    from wsi_fl import containers
+
+    engine = containers.container_engine() if site_image or server_image else "podman"
+    procs = Processes(logs, flower_env(flwr_home), engine)
+    by_name = {s.name: s for s in sites}
+    if site_image or server_image:
+        containers.grant(readable=[*link_files[1:], *(files[1] for files in node_files.values() if files)],
+                         writable=[out, *(Path(audit_logs[site]).parent for site in by_name)])
+
+    def command(name: str, program: str, args: list[str], image: str | None,
+                mounts: list[containers.Mount]) -> tuple[list[str], str | None]:
+        """``program args`` here, or in a container of ``image`` that sees only ``mounts``."""
+        if image is None:
+            return [executable(program, procs.env), *args], None
+        container = f"wsi-fl-{name}-{link_port}"
+        return containers.run_argv(container, image, [program, *args], mounts, engine=engine,
+                                   env={"OMP_NUM_THREADS": procs.env["OMP_NUM_THREADS"]}), container
     nodes: dict[str, int] = {}
     unregistered: dict[str, Any] | None = None
     try:
-        procs.start("superlink", [executable("flower-superlink", procs.env), *link_tls, "--host", HOST,
-                                  "--port", str(link_port), "--disable-runtime-dependency-installation"])
+        procs.start("superlink", *command(
+            "superlink", "flower-superlink", [*link_tls, "--host", HOST, "--port", str(link_port),
+                                              "--disable-runtime-dependency-installation"],
+            server_image, [containers.Mount(f) for f in link_files] + [containers.Mount(out, writable=True)]))
         wait_for_port(link_port, procs, startup_timeout)
         for site, pair in keys.items():
             nodes[site] = register_supernode(procs.env, pair.public_key, site)
         if impostor is not None:
             procs.may_exit.add(impostor)  # the SuperLink should refuse it, and then it ends
         for name, (site, security_args) in supernodes.items():
-            procs.start(name, [executable("flower-supernode", procs.env), *security_args,
-                               "--superlink", f"{HOST}:{link_port}", "--host", HOST, "--port", str(free_port()),
-                               "--node-config", node_configs[site]])
+            mounts = [containers.Mount(p) for p in (by_name[site].features_dir, by_name[site].labels, policy_file,
+                                                    *node_files[name])]
+            procs.start(name, *command(
+                name, "flower-supernode", [*security_args, "--superlink", f"{HOST}:{link_port}", "--host", HOST,
+                                           "--port", str(free_port()), "--node-config", node_configs[site]],
+                site_image, [*mounts, containers.Mount(Path(audit_logs[site]).parent, writable=True)]))
         security = "insecure" if insecure else f"TLS, {len(nodes)} registered SuperNode keys"
         print(f"federation up ({security}): SuperLink {HOST}:{link_port}, {len(sites)} SuperNodes, logs in {logs}",
               file=sys.stderr)
@@ -521,7 +570,8 @@ def run_local_federation(cohort: str | Path, out: str | Path, rounds: int, *, se
             "test_auc": history[-1].get("test-auc") if history else None, "pids": procs.pids, "killed": killed,
             "seconds": round(seconds, 1), "out": str(out),
             "workdir": str(work), "logs": str(logs), "tls": not insecure, "auth": not insecure, "nodes": nodes,
-            "unregistered": unregistered, "policy": str(policy_file), "audit_logs": audit_logs}
+            "unregistered": unregistered, "policy": str(policy_file), "audit_logs": audit_logs,
+            "containers": dict(procs.containers)}
 
 
 def summary(result: Mapping[str, Any]) -> str:
@@ -558,6 +608,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="also start a SuperNode for this site with an unregistered key; the SuperLink must refuse it")
     ap.add_argument("--policy", type=Path, default=None,
                     help="site policy file for every SuperNode; it must allow this SuperLink [a rehearsal policy]")
+    ap.add_argument("--site-image", default=None,
+                    help="run the SuperNodes in this image (e.g. localhost/wsi-fl-site:latest) [this environment]")
+    ap.add_argument("--server-image", default=None,
+                    help="run the SuperLink in this image (e.g. localhost/wsi-fl-server:latest) [this environment]")
     args = ap.parse_args(argv)
     # SIGTERM ends the script as Ctrl-C does: through the `finally` that stops every process it started.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
@@ -566,8 +620,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                       workdir=args.workdir, app=args.app, timeout=args.timeout,
                                       kill_site=args.kill_site, kill_after_round=args.kill_after_round,
                                       insecure=args.insecure, unregistered_site=args.unregistered_site,
-                                      policy=args.policy)
-    except (LocalFederationError, ValueError) as err:
+                                      policy=args.policy, site_image=args.site_image,
+                                      server_image=args.server_image)
+    except (LocalFederationError, ValueError, FileNotFoundError) as err:
         print(f"FAILED: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

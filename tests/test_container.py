@@ -1,0 +1,133 @@
+"""The container images, built here offline (no Docker daemon, no registry) and run for real.
+
+``scripts/build_image.sh`` makes a Debian base with debootstrap, then builds the Dockerfile's ``site`` and
+``server`` targets with buildah. A site container preprocesses a real shared slide that it sees read-only and
+gives the features this environment gives; SuperNode containers join a SuperLink container over TLS with
+SuperNode authentication and complete a round. Needs root and Debian's podman, buildah and debootstrap
+(``.ci/run`` installs them); elsewhere these tests skip, under ``CI=true`` they fail.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from bagsites import make_cohort
+
+from models.checkpoint import load_checkpoint
+from preprocessing.h5format import check_feature_file, read_features
+from wsi_fl.containers import IMAGE_UID, Mount, grant, run_argv
+
+pytestmark = [pytest.mark.slow, pytest.mark.container]
+
+ROOT = Path(__file__).resolve().parent.parent
+TAG = "test"
+IMAGES = {"site": f"localhost/wsi-fl-site:{TAG}", "server": f"localhost/wsi-fl-server:{TAG}"}
+SLIDE = "cmu-1-small-region.svs"
+PREPROCESS = ["--encoder", "resnet18_trunc", "--random-init", "--device", "cpu"]
+
+
+def _require_tools() -> None:
+    missing = [tool for tool in ("podman", "buildah", "debootstrap") if shutil.which(tool) is None]
+    problem = (f"{', '.join(missing)} not installed (apt-get install podman buildah debootstrap)" if missing
+               else "building images needs root (debootstrap, rootful podman)" if os.geteuid() != 0 else None)
+    if problem is None:
+        return
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(problem)
+    pytest.skip(problem)
+
+
+@pytest.fixture(scope="module")
+def images() -> dict[str, str]:
+    """Both images, built by the script the runbook gives (layers are cached: a rebuild takes seconds)."""
+    _require_tools()
+    out = subprocess.run(["bash", str(ROOT / "scripts" / "build_image.sh"), "--tag", TAG], capture_output=True,
+                         text=True, timeout=2400)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    for image in IMAGES.values():
+        assert subprocess.run(["podman", "image", "exists", image]).returncode == 0, image
+    return IMAGES
+
+
+def _run(argv: list[str], timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+
+
+def test_images_run_as_non_root_offline(images):
+    for image in images.values():
+        out = _run(run_argv(f"wsi-fl-test-id-{os.getpid()}", image, ["id", "-u"], [], network="none"))
+        assert out.returncode == 0 and out.stdout.strip() == str(IMAGE_UID), out.stderr
+    out = _run(run_argv(f"wsi-fl-test-cli-{os.getpid()}", images["site"],
+                        ["wsi-fl", "preprocess", "--help"], [], network="none"))
+    assert out.returncode == 0 and "--shard" in out.stdout, out.stderr
+    inspect = _run(["podman", "image", "inspect", "--format", "{{.Config.Entrypoint}} {{.Config.Cmd}}",
+                    images["server"]])
+    assert "flower-superlink" in inspect.stdout and "--enable-supernode-auth" in inspect.stdout, inspect.stdout
+    assert "--insecure" not in inspect.stdout  # TLS unless asked otherwise
+
+
+def test_site_container_preprocesses_a_read_only_slide_as_this_environment_does(images, slide_file, tmp_path):
+    slide = slide_file(SLIDE)
+    in_container, here = tmp_path / "container", tmp_path / "here"
+    grant(writable=[in_container])
+    argv = ["wsi-fl", "preprocess", "--slides", str(slide), "--out", str(in_container), *PREPROCESS]
+    out = _run(run_argv(f"wsi-fl-test-preprocess-{os.getpid()}", images["site"], argv,
+                        [Mount(slide.parent), Mount(in_container, writable=True)], network="none"))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rows = list(csv.DictReader((in_container / "manifest.csv").open()))
+    assert [(r["slide_id"], r["status"]) for r in rows] == [(slide.stem, "ok")] and int(rows[0]["n_tiles"]) > 0
+    h5 = in_container / "features" / f"{slide.stem}.h5"
+    check_feature_file(h5)
+    assert h5.stat().st_uid == IMAGE_UID  # written by the image's user, not root
+
+    # The same command in this environment gives the same tiles and (same torch, same CPU) the same features.
+    assert subprocess.run([sys.executable, "-m", "wsi_fl", "preprocess", "--slides", str(slide), "--out",
+                           str(here), *PREPROCESS], capture_output=True, timeout=600).returncode == 0
+    (their_feats, their_coords, _), (our_feats, our_coords, _) = (
+        read_features(h5), read_features(here / "features" / f"{slide.stem}.h5"))
+    np.testing.assert_array_equal(their_coords, our_coords)
+    np.testing.assert_allclose(their_feats, our_feats, rtol=1e-4, atol=1e-5)
+
+    # The slide is mounted read-only: the container's user cannot write beside it, even where it could.
+    probe = _run(run_argv(f"wsi-fl-test-ro-{os.getpid()}", images["site"],
+                          ["touch", str(slide.parent / "probe")], [Mount(slide.parent)], network="none"))
+    assert probe.returncode != 0 and "Read-only file system" in probe.stderr, probe.stderr
+    assert not (slide.parent / "probe").exists()
+
+
+def _local_federation():
+    spec = importlib.util.spec_from_file_location("run_local_federation", ROOT / "scripts" / "run_local_federation.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_supernode_containers_join_a_superlink_container_over_tls(images, tmp_path):
+    script = _local_federation()
+    make_cohort(tmp_path / "cohort")
+    out, work = tmp_path / "out", tmp_path / "work"
+    result = script.run_local_federation(
+        tmp_path / "cohort", out, rounds=1, workdir=work, timeout=900, startup_timeout=180,
+        run_config="min-available-nodes=3 min-train-nodes=3 min-evaluate-nodes=3 round-timeout=300.0 "
+                   "test-frac=0.3 hidden-dim=32 attn-dim=16",
+        site_image=images["site"], server_image=images["server"])
+    logs = "\n".join(script.tail(p) for p in sorted(Path(result["logs"]).glob("*.log")))
+    assert result["ok"] and result["status"] == "finished:completed", logs
+    assert result["tls"] and result["auth"] and set(result["nodes"]) == {"site_1", "site_2", "site_3"}
+    assert set(result["containers"]) == {"superlink", "supernode-site_1", "supernode-site_2", "supernode-site_3"}
+    _, ckpt = load_checkpoint(out / "last.pt")  # written by the ServerApp inside the SuperLink's container
+    assert ckpt.meta["mode"] == "federated" and ckpt.meta["round"] == 1
+    assert (out / "last.pt").stat().st_uid == IMAGE_UID
+    for site, log in result["audit_logs"].items():  # each site's audit log, written inside its container
+        lines = Path(log).read_text().splitlines()
+        assert len(lines) >= 4 and Path(log).stat().st_uid == IMAGE_UID, (site, lines)
+    left = _run(["podman", "ps", "--all", "--format", "{{.Names}}"]).stdout.split()
+    assert not set(result["containers"].values()) & set(left), left  # every container stopped and removed
