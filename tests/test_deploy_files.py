@@ -63,6 +63,7 @@ def test_compose_federation_matches_the_images_certificates_and_node_config():
     assert 'image="localhost/wsi-fl-$target:$TAG"' in build and re.search(r"\bTAG=latest\b", build)
     assert services["superlink"]["image"] == services["register"]["image"] == "localhost/wsi-fl-server:latest"
     assert services["superlink"].get("command") is None  # the image's TLS + authentication default
+    assert "superlink:8000" in services["register"]["command"][0]
     registered = re.findall(r"for site in ([\w ]+); do", services["register"]["command"][0])[0].split()
     assert registered == list(SITES)
     tls_files = {"ca.crt", "server.pem", "server.key"}  # what wsi_fl.tlscerts writes (and make_certs.py)
