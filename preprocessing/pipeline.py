@@ -11,12 +11,16 @@ its own module; this module only sequences them and implements batch policy:
 * ``shard=(i, n)`` takes every n-th slide of the sorted list, so job-array
   tasks split a site's slides with no coordination;
 * the manifest is rewritten atomically after every slide, so an interrupted
-  run still leaves an accurate record of what is done.
+  run still leaves an accurate record of what is done;
+* :func:`merge_manifests` joins a finished job array's shard manifests into
+  ``manifest.csv``, refusing a mix of arrays or a missing shard.
 """
 
 from __future__ import annotations
 
+import csv
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -176,6 +180,71 @@ def manifest_path(out_dir: Path, shard: tuple[int, int] | None) -> Path:
 def write_manifest(path: Path, results: Sequence[SlideResult]) -> None:
     rows = [asdict(r) | {"seconds": f"{r.seconds:.2f}"} for r in results]
     write_csv_atomic(path, MANIFEST_FIELDS, ([row[k] for k in MANIFEST_FIELDS] for row in rows))
+
+
+_SHARD_MANIFEST = re.compile(r"manifest\.shard-(\d+)-of-(\d+)\.csv")
+
+
+def _few(items: Sequence[str], k: int = 3) -> str:
+    return ", ".join(items[:k]) + (" ..." if len(items) > k else "")
+
+
+def read_manifest(path: str | os.PathLike) -> list[dict[str, str]]:
+    """The rows of a manifest written by :func:`write_manifest` (all values as text)."""
+    with Path(path).open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if tuple(reader.fieldnames or ()) != MANIFEST_FIELDS:
+            raise ValueError(f"{path}: not a preprocessing manifest (header {','.join(reader.fieldnames or [])})")
+        return list(reader)
+
+
+def merge_manifests(out_dir: str | os.PathLike, slides: Sequence[Path] | None = None) -> Path:
+    """Join the shard manifests of a finished job array into ``OUT/manifest.csv`` (atomically); returns its path.
+
+    Rows are sorted by slide id, as an unsharded run writes them. Raises
+    ValueError (one line) when there is no shard manifest, when manifests of
+    arrays with different shard counts are mixed (one left by an earlier run),
+    when a shard's manifest is missing or a slide appears twice, and, if
+    ``slides`` is given, when any of its slides has no row (a task that did not
+    finish) or a row names a slide not among them.
+    """
+    out_dir = Path(out_dir)
+    by_count: dict[int, dict[int, Path]] = {}
+    for p in sorted(out_dir.glob("manifest.shard-*-of-*.csv")):
+        if m := _SHARD_MANIFEST.fullmatch(p.name):
+            by_count.setdefault(int(m[2]), {})[int(m[1])] = p
+    if not by_count:
+        raise ValueError(f"no shard manifests (manifest.shard-I-of-N.csv) in {out_dir}"
+                         " (a run of one shard writes manifest.csv itself)")
+    if len(by_count) > 1:
+        kinds = ", ".join(f"{len(found)} of n={n}" for n, found in sorted(by_count.items()))
+        raise ValueError(f"shard manifests of job arrays with different shard counts in {out_dir} ({kinds}):"
+                         " remove those of the older run")
+    ((n, found),) = by_count.items()
+    missing = [manifest_path(out_dir, (i, n)).name for i in range(n) if i not in found]
+    if missing or max(found) >= n:
+        what = f"missing {_few(missing)}" if missing else f"index {max(found)} out of range"
+        raise ValueError(f"{len(found)} of {n} shard manifests in {out_dir} ({what}): did every array task run?")
+    rows: dict[str, dict[str, str]] = {}
+    origin: dict[str, str] = {}
+    for i in range(n):
+        for row in read_manifest(found[i]):
+            sid = row["slide_id"]
+            if sid in rows:
+                raise ValueError(f"slide {sid!r} is in both {origin[sid]} and {found[i].name}")
+            rows[sid], origin[sid] = row, found[i].name
+    if slides is not None:
+        expected = {t.slide_id for t in plan_tasks(slides)}
+        lacking, unknown = sorted(expected - rows.keys()), sorted(rows.keys() - expected)
+        problems = [f"{len(lacking)} slide(s) with no row ({_few(lacking)}): a task did not finish; resubmit it"
+                    " (finished slides are skipped)"] if lacking else []
+        if unknown:
+            problems.append(f"{len(unknown)} row(s) for slides not given ({_few(unknown)})")
+        if problems:
+            raise ValueError(f"shard manifests in {out_dir} do not match the slides: {'; '.join(problems)}")
+    merged = [rows[sid] for sid in sorted(rows)]
+    path = out_dir / "manifest.csv"
+    return write_csv_atomic(path, MANIFEST_FIELDS, ([row[k] for k in MANIFEST_FIELDS] for row in merged))
 
 
 def expected_attrs(slide_path: Path, slide_id: str, mpp: float, mpp_source: str, cfg: PreprocessConfig,

@@ -2,7 +2,9 @@
 
 Writes ``OUT/features/<slide_id>.h5``, ``OUT/qc/<slide_id>.png`` and
 ``OUT/manifest.csv``. Exit code 0 if every slide is ok or skipped, 1 if any
-failed (the others are still processed), 2 on bad options.
+failed (the others are still processed), 2 on bad options. After a job array
+(``--shard``), ``--merge-manifests`` joins the shards' manifests into
+``OUT/manifest.csv`` (same exit codes).
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("batch")
     g.add_argument("--shard", help="i/n: process every n-th slide from the i-th (0-based), or 'auto' to read"
                                    " SLURM_ARRAY_TASK_ID/COUNT or JOB_COMPLETION_INDEX+WSI_FL_SHARD_COUNT")
+    g.add_argument("--merge-manifests", action="store_true",
+                   help="process nothing: merge OUT/manifest.shard-I-of-N.csv of a finished job array into"
+                        " OUT/manifest.csv, checking that every slide of --slides has a row")
     g.add_argument("--overwrite", action="store_true", help="redo slides even when their outputs are valid")
     g.add_argument("--no-qc", action="store_true", help="do not write QC images")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -52,7 +57,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from preprocessing.encoders import EncoderError
     from preprocessing.mpp import read_mpp_csv
-    from preprocessing.pipeline import PreprocessConfig, discover_slides, parse_shard, run_preprocess
+    from preprocessing.pipeline import (
+        PreprocessConfig,
+        discover_slides,
+        merge_manifests,
+        parse_shard,
+        read_manifest,
+        run_preprocess,
+    )
     from preprocessing.tiling import TilingParams
     from preprocessing.tissue import TissueParams
 
@@ -72,14 +84,20 @@ def run(args: argparse.Namespace) -> int:
         slides = discover_slides(args.slides)
         if not slides:
             raise UsageError(f"no slide files found in {' '.join(args.slides)}")
-        results = run_preprocess(slides, cfg, shard=shard)
+        if args.merge_manifests:
+            if shard:
+                raise UsageError("--merge-manifests joins the manifests of every shard: leave out --shard")
+            rows = read_manifest(merge_manifests(args.out, slides))
+            print(f"merged shard manifests -> {args.out / 'manifest.csv'}")
+        else:
+            rows = [vars(r) for r in run_preprocess(slides, cfg, shard=shard)]
     except (ValueError, EncoderError) as err:
         raise UsageError(str(err)) from err
-    counts = Counter(r.status for r in results)
-    tiles = sum(r.n_tiles for r in results)
-    print(f"{len(results)} slides: {counts['ok']} ok, {counts['skipped']} skipped, {counts['failed']} failed;"
+    counts = Counter(r["status"] for r in rows)
+    tiles = sum(int(r["n_tiles"]) for r in rows)
+    print(f"{len(rows)} slides: {counts['ok']} ok, {counts['skipped']} skipped, {counts['failed']} failed;"
           f" {tiles} tiles -> {args.out}")
-    for r in results:
-        if r.status == "failed":
-            print(f"  failed: {r.error}")
+    for r in rows:
+        if r["status"] == "failed":
+            print(f"  failed: {r['error']}")
     return EXIT_FAILED if counts["failed"] else EXIT_OK
