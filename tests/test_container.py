@@ -103,6 +103,30 @@ def test_site_container_preprocesses_a_read_only_slide_as_this_environment_does(
     assert not (slide.parent / "probe").exists()
 
 
+def test_runbook_container_preprocessing_block(images, slide_file, tmp_path):
+    """The runbook's ``podman run ... preprocess`` block as written, over every shared slide, good and broken."""
+    import torch
+    from test_runbook import manifest, run_block
+
+    from preprocessing.tv import import_torchvision
+
+    slides = slide_file(SLIDE).parent
+    weights = tmp_path / "models" / "resnet18-test.pth"
+    weights.parent.mkdir()
+    torch.manual_seed(0)
+    torch.save(import_torchvision().models.resnet18().state_dict(), weights)
+    out = tmp_path / "site"
+    grant(writable=[out])
+    run = run_block("container-preprocess", SLIDES=slides, OUT=out, WEIGHTS=weights, ENCODER="resnet18_trunc",
+                    SITE_IMAGE=images["site"], TMP=tmp_path)
+    assert run.code == 1, run.out  # the broken slides failed, the batch went on
+    rows = manifest(out)
+    assert rows[Path(SLIDE).stem]["status"] == "ok" and int(rows[Path(SLIDE).stem]["n_tiles"]) > 0, rows
+    assert {r["status"] for r in rows.values()} == {"ok", "failed"}
+    info = check_feature_file(out / "features" / f"{Path(SLIDE).stem}.h5")
+    assert info.attrs["weights"].startswith("sha256:") and info.attrs["encoder"] == "resnet18_trunc"
+
+
 def _local_federation():
     spec = importlib.util.spec_from_file_location("run_local_federation", ROOT / "scripts" / "run_local_federation.py")
     module = importlib.util.module_from_spec(spec)
