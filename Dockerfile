@@ -5,6 +5,11 @@
 #   server  the coordinator's image: Flower's SuperLink, which runs the ServerApp in a subprocess.
 #           Entry point: flower-superlink.
 #
+# Flower's `--isolation subprocess` (its default), not `process` with a separate flower-superexec container: the
+# ClientApp must see the site's data, so one container per site keeps the read-only data mounts in one place,
+# and the ClientApp's runtime API stays on 127.0.0.1. The FAB brings the app's code;
+# its dependencies are the image's (runtime installation is off).
+#
 # Both run as the non-root user `app` (uid 49999, as Flower's own images). Volumes, by convention:
 #   /data       read-only: slides, labels.csv, and at a SuperNode the preprocessing output (features/)
 #   /certs      read-only: CA certificate, server certificate and key, SuperNode key pair

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from bagsites import make_cohort
+from bagsites import make_cohort, make_site
 
 from models.checkpoint import load_checkpoint
 from preprocessing.h5format import check_feature_file, read_features
@@ -125,6 +125,58 @@ def test_runbook_container_preprocessing_block(images, slide_file, tmp_path):
     assert {r["status"] for r in rows.values()} == {"ok", "failed"}
     info = check_feature_file(out / "features" / f"{Path(SLIDE).stem}.h5")
     assert info.attrs["weights"].startswith("sha256:") and info.attrs["encoder"] == "resnet18_trunc"
+
+
+def test_runbook_container_supernode_block_joins_a_tls_superlink(images, tmp_path):
+    """The runbook's ``podman run ... SITE_IMAGE --superlink ...`` block as written: with the site's own key
+    (made and registered as the runbook says), the containerised SuperNode is admitted by a SuperLink with TLS
+    and SuperNode authentication."""
+    from test_runbook import BIN, _env, _free_port, _wait_for, run_block, start_block, stop
+
+    ca, certs, home = tmp_path / "ca", tmp_path / "certs", tmp_path / "flwr-home"
+    assert run_block("make-certs", CA_DIR=ca, SUPERLINK_HOSTS="127.0.0.1", SITES="site_2", TMP=tmp_path).code == 0
+    assert run_block("site-key", CERTS=certs, SITE="site_1").code == 0
+    shutil.copy(ca / "ca.crt", certs / "ca.crt")
+    grant(readable=[certs / "site_1"])  # the runbook: chown 49999:49999 the key (mode 0600)
+    make_site(tmp_path / "sites", "site_1", 10, 0)
+    policy = tmp_path / "policy.toml"
+    policy.write_text('superlink = ["127.0.0.1"]\n')
+    port = _free_port()
+    with (tmp_path / "superlink.log").open("w") as log:
+        link = subprocess.Popen([str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(ca / "ca.crt"),
+                                 "--ssl-certfile", str(ca / "server.pem"), "--ssl-keyfile", str(ca / "server.key"),
+                                 "--enable-supernode-auth", "--host", "127.0.0.1", "--port", str(port),
+                                 "--disable-runtime-dependency-installation"],
+                                stdout=log, stderr=subprocess.STDOUT, env=_env({"FLWR_HOME": home}),
+                                start_new_session=True)
+    node = None
+    try:
+        def listening() -> bool:
+            assert link.poll() is None, (tmp_path / "superlink.log").read_text()
+            return _run(["bash", "-c", f"exec 3<>/dev/tcp/127.0.0.1/{port}"], timeout=10).returncode == 0
+        _wait_for(listening, 120, "the SuperLink")
+        home.mkdir(exist_ok=True)
+        (home / "config.toml").write_text(
+            f'[superlink]\ndefault = "consortium"\n\n[superlink.consortium]\naddress = "127.0.0.1:{port}"\n'
+            f'root-certificates = "{ca / "ca.crt"}"\n')
+        run = run_block("register", PUBKEY=certs / "site_1.pub", SITE="site_1", FLWR_HOME=home)
+        assert run.code == 0, run.out
+        log = tmp_path / "supernode.log"
+        node = start_block("container-supernode", log, OUT=tmp_path / "sites" / "site_1", CERTS=certs,
+                           SITE="site_1", POLICY=policy, SUPERLINK=f"127.0.0.1:{port}", SITE_IMAGE=images["site"])
+
+        def connected() -> bool:
+            text = log.read_text(errors="replace")
+            assert node.poll() is None, text
+            return "SuperNode ID:" in text
+        _wait_for(connected, 180, "the SuperNode container to connect")
+    finally:
+        if node is not None:
+            stop(node)
+        _run(["podman", "rm", "--force", "--time", "5", "wsi-fl-site_1"])
+        _run(["podman", "volume", "rm", "--force", "wsi-fl-state"])
+        stop(link)
+    assert "wsi-fl-site_1" not in _run(["podman", "ps", "--all", "--format", "{{.Names}}"]).stdout.split()
 
 
 def _local_federation():

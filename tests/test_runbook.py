@@ -188,8 +188,10 @@ def test_every_tagged_block_is_tested_and_every_tested_block_tagged():
         assert set(tagged[kind]) - used[kind] == set(), f"runbook-{kind} tags no test uses"
         assert used[kind] - set(tagged[kind]) == set(), f"runbook-{kind} names the tests use but the runbook lacks"
     bash = {name for name, (lang, _) in tagged["test"].items() if lang == "bash"}
-    in_containers = set(re.findall(r"run_block\(\s*\"([a-z0-9-]+)\"", RUNNERS[1].read_text(encoding="utf-8")))
-    assert bash and {n for n in bash if "podman" in tagged["test"][n][1]} == in_containers  # test_container.py
+    in_containers = set(re.findall(r"(?:run_block|start_block)\(\s*\"([a-z0-9-]+)\"",
+                                   RUNNERS[1].read_text(encoding="utf-8")))
+    podman = {n for n in bash if "podman" in tagged["test"][n][1]}
+    assert podman and podman <= in_containers  # the container blocks run where the images are: test_container.py
 
 
 # -- preprocessing -----------------------------------------------------------------------------------------------
