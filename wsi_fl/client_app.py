@@ -38,6 +38,7 @@ from . import fedarrays
 from .fedauc import confusion, score_histograms
 from .fedconfig import FedConfig
 from .fedsite import SiteData, load_site, site_from_node_config
+from .logsetup import configure_logging
 from .privacy import clipping_mod
 from .secagg_site import secagg_mod
 from .siteguard import SiteGuard
@@ -166,6 +167,9 @@ def train_bags(config: ConfigRecord, context: Context, cohort: str | Path | None
 
 def make_client_app(cohort: str | Path | None = None) -> ClientApp:
     """A ClientApp; ``cohort`` maps simulation partition ids to sites (deployment uses the node config)."""
+    # In deployment nothing else sets up logging in the ClientApp's process: without this the site's own lines
+    # (its policy, a refusal) would be lost, and warnings printed with no level or source.
+    configure_logging()
     guard = SiteGuard(cohort, lambda config, context: train_bags(config, context, cohort))  # policy in, audit out
     # The guard sees every message first and every reply last (what leaves, masked under SecAgg+); secagg_mod
     # answers SecAgg+'s stages and hands its fit stage to `train`; clipping_mod clips the update under client DP.

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from dataclasses import replace
 from pathlib import Path
 
 from .fedconfig import FedConfig
 from .fedserver import FedResult, run_server
 from .fedsite import discover_cohort
+from .logsetup import configure_logging
 from .secagg import check_secagg_config, run_secagg_server
 
 #: Flower environment for an offline hospital network (also set by scripts/run_local_federation.py).
@@ -27,15 +27,6 @@ OFFLINE_ENV = {
     "FLWR_DISABLE_UPDATE_CHECK": "1",
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
 }
-
-
-def configure_logging(level: int = logging.INFO) -> None:
-    logger = logging.getLogger("wsi_fl")
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-        logger.addHandler(handler)
-    logger.setLevel(level)
 
 
 def simulate(cohort: str | Path, cfg: FedConfig, *, cpus_per_site: float = 1.0) -> FedResult:

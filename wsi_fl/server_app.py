@@ -12,8 +12,8 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from .fedconfig import FedConfig
-from .federate import configure_logging
 from .fedserver import run_server
+from .logsetup import configure_logging
 from .secagg import run_secagg_server
 
 

@@ -17,7 +17,7 @@ hyphenated, as in the run config::
     min-noise-multiplier = 0.8
     allow-site-metrics = true
     min-eval-slides = 10
-    superlink = ["fl.example-consortium.org:9092"]
+    superlink = ["fl.example-consortium.org:8000"]
 
 A key left out takes the default below; an unknown key or a wrong type is a
 one-line error naming the file and the key, and the site then refuses every
