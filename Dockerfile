@@ -45,11 +45,12 @@ ARG PIP_CERT=
 ARG TORCH_VARIANT=cpu
 ARG TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
 ARG WHEELS=
-# torch alone first (its dependencies come pinned with the rest, below): the CPU and CUDA builds differ here only.
+# torch first: the CPU and CUDA builds differ here only. The CPU build's dependencies come pinned with the rest,
+# below; the CUDA build brings its own (the nvidia-* CUDA libraries), which the lock does not list.
 RUN case "${TORCH_VARIANT}" in \
       cpu) if [ -n "${WHEELS}" ]; then pip install --no-deps --no-index --find-links "${WHEELS}" torch==2.13.0; \
            else pip install --no-deps --index-url "${TORCH_CPU_INDEX}" torch==2.13.0; fi ;; \
-      cuda) pip install --no-deps torch==2.13.0 ;; \
+      cuda) pip install torch==2.13.0 ;; \
       *) echo "TORCH_VARIANT must be cpu or cuda, not '${TORCH_VARIANT}'" >&2; exit 1 ;; \
     esac
 COPY docker/requirements.txt /tmp/requirements.txt
@@ -94,7 +95,7 @@ COPY --from=app /wheels /tmp/wheels
 RUN pip install --no-cache-dir --no-deps /tmp/wheels/*.whl \
     && rm -rf /tmp/wheels \
     && wsi-fl --help > /dev/null \
-    && python3 -c "import openslide, h5py, flwr, torch; import preprocessing.tv; print('torch', torch.__version__)"
+    && python3 -c "import openslide, h5py, flwr, torch; import preprocessing.tv; print('torch', torch.__version__, 'CUDA', torch.version.cuda)"
 VOLUME ["/var/lib/wsi-fl"]
 WORKDIR /var/lib/wsi-fl
 USER 49999:49999
