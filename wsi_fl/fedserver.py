@@ -106,8 +106,18 @@ def wait_for_sites(grid: Grid, needed: int, timeout: float | None, what: str) ->
     return nodes
 
 
-def query_sites(grid: Grid, cfg: FedConfig) -> tuple[list[str], int, dict[str, Any]]:
-    """Classes (union), feature dimension and provenance agreed by all connected sites."""
+@dataclass(frozen=True)
+class SiteSurvey:
+    """What the sites said of their data before the first round."""
+
+    classes: list[str]  # the union, in the federation's order
+    feature_dim: int
+    provenance: dict[str, Any]  # the feature space every site shares
+    train_sizes: list[int]  # each answering site's training bags (SecAgg+ scales its weights by the largest)
+
+
+def query_sites(grid: Grid, cfg: FedConfig) -> SiteSurvey:
+    """Classes (union), feature dimension and provenance agreed by all connected sites, and their training sizes."""
     nodes = wait_for_sites(grid, cfg.min_available_nodes, None, "start")
     messages = [Message(content=RecordDict({"config": client_config(cfg, None)}), message_type=MessageType.QUERY,
                         dst_node_id=n) for n in nodes]
@@ -128,7 +138,7 @@ def query_sites(grid: Grid, cfg: FedConfig) -> tuple[list[str], int, dict[str, A
                                   f"{first['feature-dim']}-d: all sites must use the same encoder")
         check_provenance(provenance, json.loads(info["provenance"]), f"site {node}")
     classes = sort_classes(sorted({c for _, info in infos for c in info["classes"]}))
-    return classes, int(first["feature-dim"]), provenance
+    return SiteSurvey(classes, int(first["feature-dim"]), provenance, [int(info["n-train"]) for _, info in infos])
 
 
 def screen_replies(replies: list[Message], reference: ArrayRecord, transport: str,
@@ -368,18 +378,22 @@ class ServerRun:
             except (AggregationError, InconsistentMessageReplies) as err:  # keep the model, go on to next round
                 log.warning("round %d: aggregation failed (%s); the global model is unchanged", server_round, err)
                 new_arrays, train_metrics = None, None
-        if new_arrays is not None:
-            if self.ledger is not None:
-                self.ledger.spend()
-            self.arrays = ArrayRecord({k: fedarrays.Array(np.asarray(v, dtype=np.float32))
-                                       for k, v in fedarrays.to_numpy(new_arrays).items()})
-            row["aggregated"] = len(valid)
-        if train_metrics is not None and "train-loss" in train_metrics:
-            row["train-loss"] = float(train_metrics["train-loss"])
+        if new_arrays is not None and self.ledger is not None:
+            self.ledger.spend()
+        self.adopt(new_arrays, train_metrics, len(valid), row)
         if self.ledger is not None:
             row.update({"dp-epsilon": self.ledger.epsilon, "dp-delta": self.ledger.plan.delta,
                         "dp-releases": self.ledger.releases, "dp-noise-multiplier": self.ledger.plan.noise_multiplier,
                         "dp-clipping-norm": float(self.strategy.clipping_norm)})
+
+    def adopt(self, new_arrays: ArrayRecord | None, train_metrics: Any, n_updates: int, row: dict[str, Any]) -> None:
+        """Make the strategy's result the global model (float32), if there is one; record it and the train loss."""
+        if new_arrays is not None:
+            self.arrays = ArrayRecord({k: fedarrays.Array(np.asarray(v, dtype=np.float32))
+                                       for k, v in fedarrays.to_numpy(new_arrays).items()})
+            row["aggregated"] = n_updates
+        if train_metrics is not None and "train-loss" in train_metrics:
+            row["train-loss"] = float(train_metrics["train-loss"])
 
     def run_round(self, grid: Grid) -> dict[str, Any]:
         cfg, server_round, start = self.cfg, self.round + 1, time.perf_counter()
@@ -421,12 +435,17 @@ class ServerRun:
 def run_server(grid: Grid, cfg: FedConfig) -> FedResult:
     """Run (or resume) a federation to ``num-server-rounds``; see the module doc for what is written."""
     random.seed(cfg.seed)  # Flower samples nodes with `random`
-    classes, feature_dim, provenance = query_sites(grid, cfg)
-    log.info("federation: %d classes %s, %d-d features from %s", len(classes), classes, feature_dim,
-             provenance.get("encoder"))
-    run = ServerRun(cfg, classes, feature_dim, provenance, population=len(list(grid.get_node_ids())))
+    sites = query_sites(grid, cfg)
+    log.info("federation: %d classes %s, %d-d features from %s", len(sites.classes), sites.classes,
+             sites.feature_dim, sites.provenance.get("encoder"))
+    return drive(ServerRun(cfg, sites.classes, sites.feature_dim, sites.provenance,
+                           population=len(list(grid.get_node_ids()))), grid)
+
+
+def drive(run: ServerRun, grid: Grid) -> FedResult:
+    """Resume ``run`` if its out-dir holds a saved state, then run its rounds to ``num-server-rounds``."""
     run.try_resume()
-    while run.round < cfg.num_server_rounds:
+    while run.round < run.cfg.num_server_rounds:
         run.run_round(grid)
     return FedResult(out_dir=run.out, rounds_completed=run.round, history=run.history,
                      best_round=run.best[1] if run.best else None)

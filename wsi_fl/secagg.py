@@ -43,13 +43,7 @@ from flwr.serverapp import Grid
 
 from . import fedarrays
 from .fedconfig import FedConfig
-from .fedserver import (
-    FederationError,
-    FedResult,
-    ServerRun,
-    client_config,
-    query_sites,
-)
+from .fedserver import FedResult, ServerRun, client_config, drive, query_sites
 from .secagg_site import KEY_CLIP, KEY_MAX_WEIGHT, KEY_NAMES
 
 log = logging.getLogger("wsi_fl.secagg")
@@ -184,36 +178,15 @@ class SecAggRun(ServerRun):
         update = Message(RecordDict({"arrays": mean, "metrics": metrics}), dst_node_id=0,
                          message_type=MessageType.TRAIN)
         new_arrays, train_metrics = self.strategy.aggregate_train(server_round, [update])
-        if new_arrays is not None:
-            self.arrays = ArrayRecord({k: Array(np.asarray(v, dtype=np.float32))
-                                       for k, v in fedarrays.to_numpy(new_arrays).items()})
-            row["aggregated"] = len(carrier.weights)
-        if train_metrics is not None and "train-loss" in train_metrics:
-            row["train-loss"] = float(train_metrics["train-loss"])
-
-
-def train_sizes(grid: Grid, cfg: FedConfig) -> list[int]:
-    """Each connected site's number of training bags (its FedAvg weight), to choose the max weight."""
-    messages = [Message(RecordDict({"config": client_config(cfg, None)}), message_type=MessageType.QUERY,
-                        dst_node_id=node) for node in grid.get_node_ids()]
-    replies = grid.send_and_receive(messages, timeout=cfg.round_timeout)
-    sizes = [int(r.content["info"]["n-train"]) for r in replies if not r.has_error()]
-    if not sizes:
-        raise FederationError("no site reported its number of training bags")
-    return sizes
+        self.adopt(new_arrays, train_metrics, len(carrier.weights), row)
 
 
 def run_secagg_server(grid: Grid, cfg: FedConfig) -> FedResult:
     """:func:`wsi_fl.fedserver.run_server` with SecAgg+ training rounds; writes and resumes the same outputs."""
     check_secagg_config(cfg)
     random.seed(cfg.seed)
-    classes, feature_dim, provenance = query_sites(grid, cfg)
-    max_weight = max_weight_for(train_sizes(grid, cfg))
-    log.info("federation (SecAgg+): %d classes %s, %d-d features; max weight %g", len(classes), classes, feature_dim,
-             max_weight)
-    run = SecAggRun(cfg, classes, feature_dim, provenance, max_weight)
-    run.try_resume()
-    while run.round < cfg.num_server_rounds:
-        run.run_round(grid)
-    return FedResult(out_dir=run.out, rounds_completed=run.round, history=run.history,
-                     best_round=run.best[1] if run.best else None)
+    sites = query_sites(grid, cfg)
+    max_weight = max_weight_for(sites.train_sizes)
+    log.info("federation (SecAgg+): %d classes %s, %d-d features; max weight %g", len(sites.classes), sites.classes,
+             sites.feature_dim, max_weight)
+    return drive(SecAggRun(cfg, sites.classes, sites.feature_dim, sites.provenance, max_weight), grid)
