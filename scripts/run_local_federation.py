@@ -474,6 +474,7 @@ def run_local_federation(cohort: str | Path, out: str | Path, rounds: int, *, se
     keys: dict[str, NodeKeyPair] = {}  # each site's authentication key pair, registered with the SuperLink
     link_files: list[Path] = []  # what the SuperLink reads: its certificate and key, the CA
     node_files: dict[str, list[Path]] = {name: [] for name in supernodes}  # what each SuperNode reads
+    private_keys: list[Path] = []  # of the files above, those only their owner may read (mode 0600)
     if insecure:
         write_flwr_config(flwr_home, link_port)
         print(INSECURE_WARNING, file=sys.stderr)
@@ -495,14 +496,14 @@ def run_local_federation(cohort: str | Path, out: str | Path, rounds: int, *, se
                       for name, (site, _) in supernodes.items()}
         link_files = [tls.ca_cert, tls.server_cert, tls.server_key]
         node_files = {name: [tls.ca_cert, private[name]] for name in supernodes}
+        private_keys = [tls.server_key, *private.values()]
     from wsi_fl import containers
 
     engine = containers.container_engine() if site_image or server_image else "podman"
     procs = Processes(logs, flower_env(flwr_home), engine)
     by_name = {s.name: s for s in sites}
     if site_image or server_image:
-        containers.grant(readable=[*link_files[1:], *(files[1] for files in node_files.values() if files)],
-                         writable=[out, *(Path(audit_logs[site]).parent for site in by_name)])
+        containers.grant(readable=private_keys, writable=[out, *(Path(audit_logs[site]).parent for site in by_name)])
 
     def command(name: str, program: str, args: list[str], image: str | None,
                 mounts: list[containers.Mount]) -> tuple[list[str], str | None]:

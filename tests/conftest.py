@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import pytest
+from bagsites import make_cohort
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -48,3 +49,11 @@ def mil_file():
         return _require(_testdata_root() / "mil" / name)
 
     return get
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> Path:
+    """Three sites of synthetic bags (10, 12 and 14 slides; :func:`bagsites.make_cohort`), made once per module."""
+    root = tmp_path_factory.mktemp("cohort")
+    make_cohort(root, sizes=(10, 12, 14))
+    return root

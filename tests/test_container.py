@@ -10,7 +10,6 @@ SuperNode authentication and complete a round. Needs root and Debian's podman, b
 from __future__ import annotations
 
 import csv
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from bagsites import make_cohort, make_site
+from scriptload import load_script
 
 from models.checkpoint import load_checkpoint
 from preprocessing.h5format import check_feature_file, read_features
@@ -131,7 +131,7 @@ def test_runbook_container_supernode_block_joins_a_tls_superlink(images, tmp_pat
     """The runbook's ``podman run ... SITE_IMAGE --superlink ...`` block as written: with the site's own key
     (made and registered as the runbook says), the containerised SuperNode is admitted by a SuperLink with TLS
     and SuperNode authentication."""
-    from test_runbook import BIN, _env, _free_port, _wait_for, run_block, start_block, stop
+    from test_runbook import _wait_for, run_block, start_block, stop, tls_superlink
 
     ca, certs, home = tmp_path / "ca", tmp_path / "certs", tmp_path / "flwr-home"
     assert run_block("make-certs", CA_DIR=ca, SUPERLINK_HOSTS="127.0.0.1", SITES="site_2", TMP=tmp_path).code == 0
@@ -141,53 +141,31 @@ def test_runbook_container_supernode_block_joins_a_tls_superlink(images, tmp_pat
     make_site(tmp_path / "sites", "site_1", 10, 0)
     policy = tmp_path / "policy.toml"
     policy.write_text('superlink = ["127.0.0.1"]\n')
-    port = _free_port()
-    with (tmp_path / "superlink.log").open("w") as log:
-        link = subprocess.Popen([str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(ca / "ca.crt"),
-                                 "--ssl-certfile", str(ca / "server.pem"), "--ssl-keyfile", str(ca / "server.key"),
-                                 "--enable-supernode-auth", "--host", "127.0.0.1", "--port", str(port),
-                                 "--disable-runtime-dependency-installation"],
-                                stdout=log, stderr=subprocess.STDOUT, env=_env({"FLWR_HOME": home}),
-                                start_new_session=True)
     node = None
-    try:
-        def listening() -> bool:
-            assert link.poll() is None, (tmp_path / "superlink.log").read_text()
-            return _run(["bash", "-c", f"exec 3<>/dev/tcp/127.0.0.1/{port}"], timeout=10).returncode == 0
-        _wait_for(listening, 120, "the SuperLink")
-        home.mkdir(exist_ok=True)
-        (home / "config.toml").write_text(
-            f'[superlink]\ndefault = "consortium"\n\n[superlink.consortium]\naddress = "127.0.0.1:{port}"\n'
-            f'root-certificates = "{ca / "ca.crt"}"\n')
-        run = run_block("register", PUBKEY=certs / "site_1.pub", SITE="site_1", FLWR_HOME=home)
-        assert run.code == 0, run.out
-        log = tmp_path / "supernode.log"
-        node = start_block("container-supernode", log, OUT=tmp_path / "sites" / "site_1", CERTS=certs,
-                           SITE="site_1", POLICY=policy, SUPERLINK=f"127.0.0.1:{port}", SITE_IMAGE=images["site"])
+    with tls_superlink(ca, home, tmp_path / "superlink.log") as port:
+        try:
+            run = run_block("register", PUBKEY=certs / "site_1.pub", SITE="site_1", FLWR_HOME=home)
+            assert run.code == 0, run.out
+            log = tmp_path / "supernode.log"
+            node = start_block("container-supernode", log, OUT=tmp_path / "sites" / "site_1", CERTS=certs,
+                               SITE="site_1", POLICY=policy, SUPERLINK=f"127.0.0.1:{port}",
+                               SITE_IMAGE=images["site"])
 
-        def connected() -> bool:
-            text = log.read_text(errors="replace")
-            assert node.poll() is None, text
-            return "SuperNode ID:" in text
-        _wait_for(connected, 180, "the SuperNode container to connect")
-    finally:
-        if node is not None:
-            stop(node)
-        _run(["podman", "rm", "--force", "--time", "5", "wsi-fl-site_1"])
-        _run(["podman", "volume", "rm", "--force", "wsi-fl-state"])
-        stop(link)
+            def connected() -> bool:
+                text = log.read_text(errors="replace")
+                assert node.poll() is None, text
+                return "SuperNode ID:" in text
+            _wait_for(connected, 180, "the SuperNode container to connect")
+        finally:
+            if node is not None:
+                stop(node)
+            _run(["podman", "rm", "--force", "--time", "5", "wsi-fl-site_1"])
+            _run(["podman", "volume", "rm", "--force", "wsi-fl-state"])
     assert "wsi-fl-site_1" not in _run(["podman", "ps", "--all", "--format", "{{.Names}}"]).stdout.split()
 
 
-def _local_federation():
-    spec = importlib.util.spec_from_file_location("run_local_federation", ROOT / "scripts" / "run_local_federation.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_supernode_containers_join_a_superlink_container_over_tls(images, tmp_path):
-    script = _local_federation()
+    script = load_script("run_local_federation")
     make_cohort(tmp_path / "cohort")
     out, work = tmp_path / "out", tmp_path / "work"
     result = script.run_local_federation(

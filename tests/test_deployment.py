@@ -8,7 +8,6 @@ process stopped afterwards (``scripts/run_local_federation.py``).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -18,18 +17,12 @@ from pathlib import Path
 
 import pytest
 from bagsites import make_cohort
+from scriptload import load_script
 
 from models.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "run_local_federation.py"
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("run_local_federation", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _left_running(flwr_home: Path) -> list[int]:
@@ -58,7 +51,7 @@ def test_local_deployment_survives_a_killed_supernode(tmp_path):
     The run must still complete all rounds with the two sites left (``min-train-nodes=2``), and every process
     the script started must be gone afterwards.
     """
-    script = _load_script()
+    script = load_script("run_local_federation")
     make_cohort(tmp_path / "cohort")
     out, work = tmp_path / "out", tmp_path / "work"
     result = script.run_local_federation(

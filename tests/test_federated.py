@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tomllib
 import torch
-from bagsites import grid_for, history, make_cohort, make_site
+from bagsites import grid_for, history, make_site
 from flwr.app import Array, ArrayRecord, ConfigRecord, MessageType
 from sklearn.metrics import roc_auc_score
 
@@ -33,13 +33,6 @@ from wsi_fl.strategies import list_strategies
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = {"hidden_dim": 32, "attn_dim": 16, "lr": 2e-3, "test_frac": 0.3, "val_frac": 0.2, "min_available_nodes": 3}
-
-
-@pytest.fixture(scope="module")
-def cohort(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("cohort")
-    make_cohort(root, sizes=(10, 12, 14))
-    return root
 
 
 

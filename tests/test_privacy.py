@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from bagsites import grid_for, history, make_cohort
+from bagsites import grid_for, history
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
@@ -20,13 +20,6 @@ from wsi_fl.privacy import KEY_DP_WEIGHT, PrivacyPlan, calibrate_noise, epsilon_
 
 SMALL = {"hidden_dim": 32, "attn_dim": 16, "lr": 2e-3, "test_frac": 0.3, "val_frac": 0.2, "min_available_nodes": 3,
          "min_train_nodes": 2, "num_server_rounds": 3}
-
-
-@pytest.fixture(scope="module")
-def cohort(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("cohort")
-    make_cohort(root, sizes=(10, 12, 14))
-    return root
 
 
 

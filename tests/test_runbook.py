@@ -31,6 +31,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -464,6 +466,33 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
         time.sleep(0.3)
 
 
+@contextmanager
+def tls_superlink(ca: Path, home: Path, log: Path) -> Iterator[int]:
+    """A SuperLink as the runbook's coordinator starts it (TLS from ``ca``, SuperNode authentication) on a free
+    loopback port, and the coordinator's ``flwr`` connection ``consortium`` to it in ``home``; yields the port."""
+    port = _free_port()
+    with log.open("w") as out:
+        link = subprocess.Popen([str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(ca / "ca.crt"),
+                                 "--ssl-certfile", str(ca / "server.pem"), "--ssl-keyfile", str(ca / "server.key"),
+                                 "--enable-supernode-auth", "--host", "127.0.0.1", "--port", str(port),
+                                 "--disable-runtime-dependency-installation"],
+                                stdout=out, stderr=subprocess.STDOUT, env=_env({"FLWR_HOME": home}),
+                                start_new_session=True)
+    try:
+        def listening() -> bool:
+            assert link.poll() is None, log.read_text()
+            with socket.socket() as sock:
+                return sock.connect_ex(("127.0.0.1", port)) == 0
+        _wait_for(listening, 120, "the SuperLink")
+        home.mkdir(exist_ok=True)
+        (home / "config.toml").write_text(  # the coordinator's connection, as in the runbook
+            f'[superlink]\ndefault = "consortium"\n\n[superlink.consortium]\naddress = "127.0.0.1:{port}"\n'
+            f'root-certificates = "{ca / "ca.crt"}"\n')
+        yield port
+    finally:
+        stop(link)
+
+
 @pytest.mark.slow
 def test_supernode_connects_and_each_connection_error_is_the_quoted_one(tmp_path):
     """The runbook's key, registration and SuperNode commands against a real SuperLink; then each way to get the
@@ -475,71 +504,54 @@ def test_supernode_connects_and_each_connection_error_is_the_quoted_one(tmp_path
     assert run_block("site-key", CERTS=certs, SITE="site_1").code == 0
     shutil.copy(ca / "ca.crt", certs / "ca.crt")  # what the coordinator sends every site
 
-    port = _free_port()
-    env = _env({"FLWR_HOME": home})
-    with (tmp_path / "superlink.log").open("w") as log:
-        link = subprocess.Popen([str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(ca / "ca.crt"),
-                                 "--ssl-certfile", str(ca / "server.pem"), "--ssl-keyfile", str(ca / "server.key"),
-                                 "--enable-supernode-auth", "--host", "127.0.0.1", "--port", str(port),
-                                 "--disable-runtime-dependency-installation"],
-                                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     shim = tmp_path / "shim"
     shim.mkdir()
     (shim / "flower-supernode").write_text(
         f'#!/bin/sh\nexec "{BIN / "flower-supernode"}" "$@" --port "$SUPERNODE_TEST_PORT"\n')
     (shim / "flower-supernode").chmod(0o755)
-    site = dict(CERTS=certs, SITE="site_1", SUPERLINK=f"127.0.0.1:{port}", FLWR_HOME=home, OUT=tmp_path / "site",
-                POLICY=tmp_path / "policy.toml", AUDIT_LOG=tmp_path / "audit.jsonl")
     node = None
-    try:
-        def listening() -> bool:
-            assert link.poll() is None, (tmp_path / "superlink.log").read_text()
-            with socket.socket() as sock:
-                return sock.connect_ex(("127.0.0.1", port)) == 0
-        _wait_for(listening, 120, "the SuperLink")
-        home.mkdir(exist_ok=True)
-        (home / "config.toml").write_text(  # the coordinator's connection, as in the runbook
-            f'[superlink]\ndefault = "consortium"\n\n[superlink.consortium]\naddress = "127.0.0.1:{port}"\n'
-            f'root-certificates = "{ca / "ca.crt"}"\n')
-        run = run_block("register", PUBKEY=certs / "site_1.pub", SITE="site_1", FLWR_HOME=home)
-        assert run.code == 0, run.out
+    with tls_superlink(ca, home, tmp_path / "superlink.log") as port:
+        site = dict(CERTS=certs, SITE="site_1", SUPERLINK=f"127.0.0.1:{port}", FLWR_HOME=home, OUT=tmp_path / "site",
+                    POLICY=tmp_path / "policy.toml", AUDIT_LOG=tmp_path / "audit.jsonl")
+        try:
+            run = run_block("register", PUBKEY=certs / "site_1.pub", SITE="site_1", FLWR_HOME=home)
+            assert run.code == 0, run.out
 
-        log = tmp_path / "supernode.log"
-        node = start_block("supernode", log, path_first=shim, SUPERNODE_TEST_PORT=_free_port(), **site)
+            log = tmp_path / "supernode.log"
+            node = start_block("supernode", log, path_first=shim, SUPERNODE_TEST_PORT=_free_port(), **site)
 
-        def connected() -> bool:
-            text = log.read_text(errors="replace")
-            assert node.poll() is None, text
-            return "SuperNode ID:" in text
-        _wait_for(connected, 120, "the SuperNode to connect")
-        stop(node)
-
-        def check(**changes: object) -> str:
-            run = run_block("connection-check", timeout=90, path_first=shim, SUPERNODE_TEST_PORT=_free_port(),
-                            **{**site, **changes})
-            assert run.code == 1, run.out  # it stops by itself and says why
-            return run.out
-
-        quoted("tls-name", check(SUPERLINK=f"localhost:{port}"))  # the certificate names 127.0.0.1 only
-        unregistered = tmp_path / "unregistered"
-        unregistered.mkdir()
-        shutil.copy(certs / "ca.crt", unregistered / "ca.crt")
-        shutil.copy(ca / "supernodes" / "site_2", unregistered / "site_2")  # a key nobody registered
-        quoted("unregistered", check(CERTS=unregistered, SITE="site_2"))
-        other = tmp_path / "other-ca"
-        assert run_block("make-certs", CA_DIR=tmp_path / "old", SUPERLINK_HOSTS="127.0.0.1", SITES="site_1",
-                         TMP=tmp_path).code == 0
-        other.mkdir()
-        shutil.copy(tmp_path / "old" / "ca.crt", other / "ca.crt")  # an outdated CA certificate
-        shutil.copy(certs / "site_1", other / "site_1")
-        quoted("wrong-ca", check(CERTS=other))
-        nobody = check(SUPERLINK=f"127.0.0.1:{_free_port()}")  # nothing listens there
-        quoted("no-superlink", nobody)
-        quoted("no-superlink-check", nobody)
-    finally:
-        if node is not None:
+            def connected() -> bool:
+                text = log.read_text(errors="replace")
+                assert node.poll() is None, text
+                return "SuperNode ID:" in text
+            _wait_for(connected, 120, "the SuperNode to connect")
             stop(node)
-        stop(link)
+
+            def check(**changes: object) -> str:
+                run = run_block("connection-check", timeout=90, path_first=shim, SUPERNODE_TEST_PORT=_free_port(),
+                                **{**site, **changes})
+                assert run.code == 1, run.out  # it stops by itself and says why
+                return run.out
+
+            quoted("tls-name", check(SUPERLINK=f"localhost:{port}"))  # the certificate names 127.0.0.1 only
+            unregistered = tmp_path / "unregistered"
+            unregistered.mkdir()
+            shutil.copy(certs / "ca.crt", unregistered / "ca.crt")
+            shutil.copy(ca / "supernodes" / "site_2", unregistered / "site_2")  # a key nobody registered
+            quoted("unregistered", check(CERTS=unregistered, SITE="site_2"))
+            other = tmp_path / "other-ca"
+            assert run_block("make-certs", CA_DIR=tmp_path / "old", SUPERLINK_HOSTS="127.0.0.1", SITES="site_1",
+                             TMP=tmp_path).code == 0
+            other.mkdir()
+            shutil.copy(tmp_path / "old" / "ca.crt", other / "ca.crt")  # an outdated CA certificate
+            shutil.copy(certs / "site_1", other / "site_1")
+            quoted("wrong-ca", check(CERTS=other))
+            nobody = check(SUPERLINK=f"127.0.0.1:{_free_port()}")  # nothing listens there
+            quoted("no-superlink", nobody)
+            quoted("no-superlink-check", nobody)
+        finally:
+            if node is not None:
+                stop(node)
 
 
 # -- the rehearsal on one machine --------------------------------------------------------------------------------

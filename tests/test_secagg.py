@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from bagsites import DIM, history, make_cohort
+from bagsites import DIM, history
 from flwr.app import Context, Message, MessageType
 from flwr.clientapp import ClientApp
 from flwr.common import bytes_to_ndarray
@@ -89,13 +89,6 @@ def gap_and_bound(mean: dict[str, np.ndarray], updates: Updates, nodes: list[int
     bound = quantisation_bound([updates[n][1] for n in nodes], max_weight, cfg.secagg_clipping_range,
                                cfg.secagg_quantization_range, spread) + U32 * largest
     return gap, bound
-
-
-@pytest.fixture(scope="module")
-def cohort(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("cohort")
-    make_cohort(root, sizes=(10, 12, 14))
-    return root
 
 
 @pytest.fixture(scope="module")

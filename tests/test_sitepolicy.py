@@ -7,7 +7,6 @@ server would log, and a whole federation goes on without a site that refuses.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ import pytest
 import tomli_w
 from bagsites import DIM, make_cohort, make_site
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from scriptload import load_script
 
 from models import create_model, list_models
 from wsi_fl import fedarrays, siteguard
@@ -300,15 +300,8 @@ def test_federation_goes_on_without_the_site_that_refuses(tmp_path, caplog):
 
 # -- the local deployment passes superlink, policy and audit-log, and refuses a SuperLink the policy does not allow
 
-def _script():
-    spec = importlib.util.spec_from_file_location("run_local_federation", ROOT / "scripts" / "run_local_federation.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_local_federation_gives_each_supernode_its_policy_and_refuses_a_disallowed_superlink(tmp_path):
-    script = _script()
+    script = load_script("run_local_federation")
     written = script.site_policy(None, "127.0.0.1:4242", tmp_path)
     assert load_policy(written) == SitePolicy(min_train_bags=1, min_eval_slides=1, allow_site_metrics=True,
                                               superlink=("127.0.0.1:4242",))

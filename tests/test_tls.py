@@ -28,7 +28,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.verification import PolicyBuilder, Store
-from test_deployment import _left_running, _load_script
+from scriptload import load_script
+from test_deployment import _left_running
 
 from wsi_fl import tlscerts
 from wsi_fl.tlscerts import write_supernode_keys, write_tls_certificates
@@ -193,7 +194,7 @@ def test_make_certs_cli(tmp_path):
 
 
 def test_flwr_connection_uses_the_ca(tmp_path):
-    script = _load_script()
+    script = load_script("run_local_federation")
     script.write_flwr_config(tmp_path / "home", 9093, tmp_path / "tls" / "ca.crt")
     connection = tomllib.loads((tmp_path / "home" / "config.toml").read_text())["superlink"][script.CONNECTION]
     assert connection == {"address": "127.0.0.1:9093", "insecure": False,
@@ -216,7 +217,7 @@ def test_tls_federation_refuses_an_unregistered_supernode(tmp_path):
     The SuperLink refuses the impostor (Flower exit code 305, API error 2004), the three registered sites train
     round 1, and every process the script started is gone afterwards.
     """
-    script = _load_script()
+    script = load_script("run_local_federation")
     make_cohort(tmp_path / "cohort")
     out, work = tmp_path / "out", tmp_path / "work"
     result = script.run_local_federation(
