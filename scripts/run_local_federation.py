@@ -251,10 +251,12 @@ class Processes:
         """SuperNodes first, the SuperLink last, then what they started and left: terminate, wait, kill.
 
         Flower's app processes (``flower-superexec``, ``flwr-serverapp``, ``flwr-clientapp``) end by themselves
-        after a run; the ones a run cut short leaves behind are stopped here too, by their PIDs.
+        after a run; the ones a run cut short leaves behind are stopped here too. A SuperExec may start an app
+        process while the others stop, and an orphan leaves the process tree, so they are found again after
+        each signal by this run's own ``FLWR_HOME`` in their environment, not only from a list taken before.
         """
         procs = list(reversed(self.started.values()))
-        below = [pid for proc in procs if proc.poll() is None for pid in descendants(proc.pid)]
+        below = {pid for proc in procs if proc.poll() is None for pid in descendants(proc.pid)}
         if self.containers:
             from wsi_fl.containers import remove
 
@@ -270,13 +272,48 @@ class Processes:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            for pid in (pid for pid in below if is_running(pid)):
+        marker = f"FLWR_HOME={self.env['FLWR_HOME']}" if "FLWR_HOME" in self.env else None
+
+        def left() -> set[int]:
+            return {pid for pid in below | with_environment(marker) if is_running(pid)}
+
+        for sig in (signal.SIGTERM, signal.SIGTERM, signal.SIGKILL, signal.SIGKILL):
+            if not (pids := left()):
+                return
+            for pid in pids:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, sig)
-            deadline = time.monotonic() + grace
-            while any(is_running(pid) for pid in below) and time.monotonic() < deadline:
+            deadline = time.monotonic() + grace / 2
+            while left() and time.monotonic() < deadline:
                 time.sleep(0.2)
+        if pids := left():
+            print(f"warning: processes of this federation still running after SIGKILL: {sorted(pids)}",
+                  file=sys.stderr)
+
+
+def with_environment(entry: str | None) -> set[int]:
+    """The PIDs of processes whose environment holds ``entry`` (``NAME=value``; from /proc), this one and its
+    ancestors excepted (a shell that exported the same ``FLWR_HOME`` is not ours to stop)."""
+    if entry is None:
+        return set()
+    needle, found = entry.encode(), set()
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        with contextlib.suppress(OSError, ValueError):  # another user's process, or one that just ended
+            if needle in environ.read_bytes().split(b"\0"):
+                found.add(int(environ.parent.name))
+    return found - ancestors()
+
+
+def ancestors() -> set[int]:
+    """This process and the ones above it (from Linux's /proc; elsewhere only this one)."""
+    found, pid = set(), os.getpid()
+    while pid > 1 and pid not in found:
+        found.add(pid)
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            break
+    return found
 
 
 def descendants(pid: int) -> list[int]:

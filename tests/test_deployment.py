@@ -8,6 +8,7 @@ process stopped afterwards (``scripts/run_local_federation.py``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -42,6 +43,40 @@ def test_script_help():
     out = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "--cohort" in out.stdout and "--rounds" in out.stdout and "insecure" in out.stdout
+
+
+def test_stop_all_stops_an_orphan_started_after_the_snapshot(tmp_path):
+    """An app process that a SuperExec starts while the federation stops, and that left the process tree.
+
+    Such a process is in no list taken before the stop; ``stop_all`` finds it by the run's ``FLWR_HOME`` in its
+    environment and stops it. The caller, whose environment the orphan's parent was given, is not touched.
+    """
+    script = load_script("run_local_federation")
+    flwr_home = tmp_path / "flwr-home"
+    procs = script.Processes(tmp_path, script.flower_env(flwr_home))
+    pidfile = tmp_path / "orphan.pid"
+    # The SuperNode stand-in starts a grandchild in a session of its own, records its PID, and keeps running;
+    # the grandchild ignores SIGTERM, so only the SIGKILL round ends it.
+    orphan = ("import os, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+              f"open({str(pidfile)!r}, 'w').write(str(os.getpid())); time.sleep(600)")
+    parent = (f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {orphan!r}], "
+              "start_new_session=True); time.sleep(600)")
+    procs.start("supernode-site_1", [sys.executable, "-c", parent])
+    deadline = time.monotonic() + 30
+    while not pidfile.exists() or not pidfile.read_text():
+        assert time.monotonic() < deadline, "the orphan did not start"
+        time.sleep(0.1)
+    orphan_pid = int(pidfile.read_text())
+    try:
+        os.kill(procs.started["supernode-site_1"].pid, 9)  # its parent dies first: the orphan leaves the tree
+        procs.started["supernode-site_1"].wait()
+        assert orphan_pid in script.with_environment(f"FLWR_HOME={flwr_home}")
+        procs.stop_all(grace=2)
+        assert not script.is_running(orphan_pid)
+        assert _left_running(flwr_home) == []
+    finally:  # a failure here must not leave the orphan behind for the rest of the suite
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(orphan_pid, 9)
 
 
 @pytest.mark.slow
