@@ -5,14 +5,18 @@ Uses the federated benchmark's protocol and three-site cohorts
 scoring on the union of the sites' held-out slides). Each seed runs FedAvg
 ``--epochs`` rounds of one local epoch without DP, then with central DP
 (``--mode``, default client-side fixed clipping at ``--clip``) calibrated to
-each target ε over those rounds. The privacy unit is a site (client-level DP):
-see :mod:`wsi_fl.privacy`. Prints mean ± std of the test AUC over seeds, the
-drop from no DP, and the ε the accountant reports after the last round.
+each target ε over those rounds. With central modes the privacy unit is a site
+(client-level DP, :mod:`wsi_fl.privacy`); with ``--mode slide-dpsgd`` it is a
+training slide, each site running DP-SGD with per-bag clipping at ``--clip`` and
+``--batch-size`` expected bags per step (:mod:`wsi_fl.dpsgd`). Prints mean ± std
+of the test AUC over seeds, the drop from no DP, and the ε reported after the
+last round.
 
 Examples::
 
     python scripts/bench_privacy.py --datasets musk1 --skews label --seeds 0 1 2 3 4
     python scripts/bench_privacy.py --datasets --synthetic /path/to/cohort --seeds 0 1 2
+    python scripts/bench_privacy.py --mode slide-dpsgd --clip 1.0 --batch-size 8 --datasets fox --seeds 0 1 2
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from bench_federated import (
     synthetic_cohort,
 )
 
+from models import MILConfig
 from wsi_fl.fedconfig import FedConfig
 
 GOAL_DROP = 0.05  # at epsilon 8
@@ -70,7 +75,14 @@ def main() -> int:
     ap.add_argument("--epsilons", nargs="+", type=float, default=[1.0, 3.0, 8.0])
     ap.add_argument("--delta", type=float, default=1e-5)
     ap.add_argument("--mode", default="client-fixed", help="FedConfig dp mode")
-    ap.add_argument("--clip", type=float, default=0.1, help="clipping norm of a site's update")
+    ap.add_argument("--clip", type=float, default=0.1, help="clipping norm of a site's update (of a bag's gradient "
+                                                            "with slide-dpsgd)")
+    ap.add_argument("--batch-size", type=int, default=8, help="slide-dpsgd: expected bags per step")
+    ap.add_argument("--hidden-dim", type=int, default=MILConfig.hidden_dim, help="model width, with and without DP")
+    ap.add_argument("--attn-dim", type=int, default=MILConfig.attn_dim, help="attention width, with and without DP")
+    ap.add_argument("--lr", type=float, default=Protocol.lr, help="local learning rate")
+    ap.add_argument("--dp-lr", type=float, help="local learning rate under DP [--lr]; DP-SGD takes one step per "
+                                                "batch of --batch-size bags, not per bag, so it needs a larger one")
     ap.add_argument("--epochs", type=int, default=Protocol.epochs, help="rounds (one local epoch each)")
     ap.add_argument("--work", type=Path)
     args = ap.parse_args()
@@ -80,9 +92,15 @@ def main() -> int:
     logging.getLogger("flwr").setLevel(logging.WARNING)
     work = (args.work or Path(tempfile.mkdtemp(prefix="benchdp-"))).resolve()
     results = Results(work / "results.jsonl")
-    proto = Protocol(epochs=args.epochs)
+    proto = Protocol(epochs=args.epochs, lr=args.lr,
+                     model=MILConfig(hidden_dim=args.hidden_dim, attn_dim=args.attn_dim))
+    sgd = {"dp_batch_size": args.batch_size} if args.mode == "slide-dpsgd" else {}
+    if args.dp_lr is not None:
+        sgd["lr"] = args.dp_lr
     settings = {"no DP": {}} | {f"eps {e:g}": {"dp": args.mode, "dp_epsilon": e, "dp_delta": args.delta,
-                                              "dp_clipping_norm": args.clip} for e in args.epsilons}
+                                              "dp_clipping_norm": args.clip, **sgd} for e in args.epsilons}
+    label = (f"{args.mode} clip {args.clip}" + (f" batch {args.batch_size}" if args.mode == "slide-dpsgd" else "")
+             + (f" lr {args.dp_lr:g}" if args.dp_lr is not None else ""))
     combos = [(d, s) for d in args.datasets for s in args.skews] + ([("synthetic", "as-is")] if args.synthetic else [])
     for dataset, skew in combos:
         for seed in args.seeds:
@@ -90,7 +108,7 @@ def main() -> int:
                       else build_cohort(work, args.data / f"{dataset}.csv", dataset, skew, seed))
             for name, dp in settings.items():
                 key = {"protocol": proto.fingerprint(), "dataset": dataset, "skew": skew, "seed": seed,
-                       "model": f"{name} {args.mode} clip {args.clip}"}
+                       "model": f"{name} {label}"}
                 if results.has(**key):
                     continue
                 start = time.perf_counter()
@@ -100,13 +118,13 @@ def main() -> int:
                                 "seconds": round(time.perf_counter() - start, 1)})
                 print(f"[{dataset}/{skew} seed {seed}] {name:<8} test AUC {auc:.3f}"
                       + (f"  epsilon spent {eps:.3f}" if eps is not None else ""), flush=True)
-    print(f"\nFedAvg test AUC, mean ± std over seeds {args.seeds}; {args.epochs} rounds; DP {args.mode}, clipping "
-          f"norm {args.clip}, delta {args.delta:g}; drop = no DP - DP (goal at epsilon 8: <= {GOAL_DROP})")
+    print(f"\nFedAvg test AUC, mean ± std over seeds {args.seeds}; {args.epochs} rounds; DP {label}, "
+          f"delta {args.delta:g}; drop = no DP - DP (goal at epsilon 8: <= {GOAL_DROP})")
     print(f"{'dataset/skew':<18}" + "".join(f"{n:>22}" for n in settings) + f"{'drop at eps 8':>16}")
     for dataset, skew in combos:
         cols = {}
         for name in settings:
-            model = f"{name} {args.mode} clip {args.clip}"
+            model = f"{name} {label}"
             cols[name] = [r["auc"] for r in results.rows if r.get("dataset") == dataset and r.get("skew") == skew
                           and r.get("model") == model and r.get("seed") in args.seeds
                           and r.get("protocol") == proto.fingerprint()]

@@ -8,7 +8,15 @@ import torch
 
 from models import MILConfig, create_model
 from wsi_fl.data import Bag, TableBagDataset
-from wsi_fl.training import TrainConfig, _set_epoch, auc_score, class_weights, concat_datasets, predict, train_model
+from wsi_fl.training import (
+    TrainConfig,
+    auc_score,
+    class_weights,
+    concat_datasets,
+    predict,
+    set_epoch,
+    train_model,
+)
 
 
 def _table(n_bags: int, seed: int, shift: float = 4.0) -> TableBagDataset:
@@ -67,7 +75,7 @@ class _Counting(torch.utils.data.Dataset):
 def test_set_epoch_reaches_datasets_inside_pools_and_subsets():
     a, b = _Counting(), _Counting()
     pooled = concat_datasets([a, torch.utils.data.Subset(b, [0])])
-    _set_epoch(pooled, 7)
+    set_epoch(pooled, 7)
     assert a.epochs == [7] and b.epochs == [7]
     assert pooled.targets.tolist() == [0, 1, 0]
 

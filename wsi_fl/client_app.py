@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,7 +35,7 @@ from torch.utils.data import Dataset
 
 from models import MILModel, create_model
 
-from . import fedarrays
+from . import dpsgd, fedarrays
 from .fedauc import confusion, score_histograms
 from .fedconfig import FedConfig
 from .fedsite import SiteData, load_site, site_from_node_config
@@ -42,7 +43,16 @@ from .logsetup import configure_logging
 from .privacy import clipping_mod
 from .secagg_site import secagg_mod
 from .siteguard import SiteGuard
-from .training import make_criterion, make_loader, make_optimizer, pick_device, predict, seed_everything, train_epoch
+from .training import (
+    BagCrossEntropy,
+    make_criterion,
+    make_loader,
+    make_optimizer,
+    pick_device,
+    predict,
+    seed_everything,
+    train_epoch,
+)
 
 log = logging.getLogger("wsi_fl.client")
 
@@ -50,9 +60,10 @@ log = logging.getLogger("wsi_fl.client")
 CLIENT_KEYS = ("local-epochs", "model", "hidden-dim", "attn-dim", "dropout", "optimizer", "lr", "weight-decay",
                "class-weighting", "max-instances", "label-col", "val-frac", "test-frac", "seed", "transport",
                "auc-bins", "num-server-rounds", "strategy", "dp", "dp-noise-multiplier", "dp-clipping-norm",
-               "dp-epsilon", "dp-delta", "secagg")
+               "dp-epsilon", "dp-delta", "dp-batch-size", "secagg")
 
 _OPTIMIZER_STATE = "wsi-fl.optimizer"
+_DPSGD_STATE = "wsi-fl.dpsgd"  # DP-SGD steps this site has taken in this run
 
 
 def settings_from(config: ConfigRecord) -> tuple[FedConfig, tuple[str, ...] | None, int]:
@@ -111,12 +122,37 @@ def train(msg: Message, context: Context, cohort: str | Path | None = None) -> M
     loader = make_loader(data.train, replace(train_cfg, seed=cfg.seed + server_round))
     mu = float(msg.content["config"].get("proximal-mu", 0.0))
     anchor = [p.detach().clone() for p in model.parameters()] if mu > 0 else None
-    losses = [train_epoch(model, loader, optimizer, criterion, device, epoch=(server_round - 1) * cfg.local_epochs + e,
-                          proximal_mu=mu, anchor=anchor) for e in range(cfg.local_epochs)]
+    first_epoch = (server_round - 1) * cfg.local_epochs
+    if cfg.dp == "slide-dpsgd":
+        metrics = MetricRecord({"num-examples": len(data.train),
+                                "dp-epsilon": train_private(model, data, optimizer, cfg, server_round, context, device,
+                                                            first_epoch=first_epoch, proximal_mu=mu, anchor=anchor)})
+    else:
+        losses = [train_epoch(model, loader, optimizer, criterion, device, epoch=first_epoch + e, proximal_mu=mu,
+                              anchor=anchor) for e in range(cfg.local_epochs)]
+        metrics = MetricRecord({"num-examples": len(data.train), "train-loss": float(np.mean(losses))})
     save_optimizer_state(optimizer, context)
-    metrics = MetricRecord({"num-examples": len(data.train), "train-loss": float(np.mean(losses))})
     content = RecordDict({"arrays": fedarrays.to_record(model.state_dict(), cfg.transport), "metrics": metrics})
     return Message(content=content, reply_to=msg)
+
+
+def train_private(model: MILModel, data: SiteData, optimizer: torch.optim.Optimizer, cfg: FedConfig, server_round: int,
+                  context: Context, device: torch.device, **kwargs: Any) -> float:
+    """One round of slide-level DP-SGD (:mod:`wsi_fl.dpsgd`) within the site's plan; returns the ε spent so far.
+
+    The loss is unweighted (class weights would depend on every bag's label) and is not reported.
+    """
+    plan = dpsgd.plan_for(len(data.train), cfg)
+    counted = int(context.state[_DPSGD_STATE]["steps"]) if _DPSGD_STATE in context.state else 0
+    done = dpsgd.steps_done(server_round, counted, plan)
+    dpsgd.check_budget(done, plan)
+    dpsgd.train_round(model, data.train, optimizer, BagCrossEntropy(), plan, device, **kwargs)
+    context.state[_DPSGD_STATE] = ConfigRecord({"steps": done + plan.steps_per_round})
+    spent = plan.epsilon(done + plan.steps_per_round)
+    log.info("round %d: slide-level DP-SGD, %d steps (noise multiplier %.3g, sampling rate %.3g, clipping norm %g); "
+             "epsilon spent %.3g of %.3g at delta %g", server_round, plan.steps_per_round, plan.noise_multiplier,
+             plan.sample_rate, plan.clipping_norm, spent, plan.epsilon(plan.total_steps), plan.delta)
+    return spent
 
 
 def split_aggregates(model: MILModel, ds: Dataset | None, prefix: str, n_classes: int, bins: int,

@@ -25,7 +25,11 @@ from .training import TrainConfig
 
 StrategyName = Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg"]
 Transport = Literal["float32", "float16"]
-DPMode = Literal["none", "client-fixed", "client-adaptive", "server-fixed", "server-adaptive"]
+DPMode = Literal["none", "client-fixed", "client-adaptive", "server-fixed", "server-adaptive", "slide-dpsgd"]
+
+#: Central DP modes: the server adds the noise to the mean of the sites' clipped updates (a site is the unit,
+#: wsi_fl.privacy). "slide-dpsgd" is local instead: each site runs DP-SGD, a slide is the unit (wsi_fl.dpsgd).
+CENTRAL_DP = ("client-fixed", "client-adaptive", "server-fixed", "server-adaptive")
 
 #: Strategies whose aggregate is the plain mean of the sites' models, so noise calibrated to the mean's sensitivity
 #: makes it private (FedAdam/FedYogi keep moments of the un-noised mean; FedMedian/FedTrimmedAvg have another
@@ -54,12 +58,15 @@ class FedConfig:
     server_tau: float = field(default=1e-3, metadata={"help": "FedAdam/FedYogi adaptivity tau"})
     trim_beta: float = field(default=0.2, metadata={"help": "FedTrimmedAvg: fraction cut at each end"})
     # Privacy (see wsi_fl.privacy and the README's threat model)
-    dp: DPMode = field(default="none", metadata={"help": "central DP: who clips the updates, fixed or adaptive norm"})
+    dp: DPMode = field(default="none", metadata={"help": "central DP (who clips the site updates, fixed or adaptive "
+                                                         "norm) or slide-dpsgd (DP-SGD at each site, per slide)"})
     dp_epsilon: float = field(default=0.0, metadata={"help": "target epsilon over all rounds (0: dp-noise-multiplier)"})
     dp_delta: float = field(default=1e-5, metadata={"help": "delta of the (epsilon, delta) guarantee"})
     dp_noise_multiplier: float = field(default=0.0, metadata={"help": "Gaussian noise / clipping norm (dp-epsilon 0)"})
     dp_clipping_norm: float = field(default=1.0, metadata={"help": "L2 clipping norm of a site's update (initial if "
-                                                                    "adaptive)"})
+                                                                    "adaptive), or of a bag's gradient (slide-dpsgd)"})
+    dp_batch_size: int = field(default=8, metadata={"help": "slide-dpsgd: expected bags per step (sampling rate = "
+                                                           "this / a site's training bags)"})
     secagg: bool = field(default=False, metadata={"help": "SecAgg+: the server learns only the sum of updates"})
     secagg_clipping_range: float = field(default=8.0, metadata={"help": "SecAgg+: weights clipped to +-this"})
     secagg_quantization_range: int = field(default=4194304, metadata={"help": "SecAgg+: quantisation levels"})
@@ -112,11 +119,13 @@ class FedConfig:
             raise ValueError("run config proximal-mu must be >= 0 and lr, server-lr > 0")
         if self.dp != "none" and not (self.dp_epsilon > 0 or self.dp_noise_multiplier > 0):
             raise ValueError(f"run config dp = {self.dp!r} needs dp-epsilon > 0 or dp-noise-multiplier > 0")
-        if self.dp != "none" and self.strategy not in DP_STRATEGIES:
+        if self.dp in CENTRAL_DP and self.strategy not in DP_STRATEGIES:
             raise ValueError(f"run config dp = {self.dp!r} needs strategy {' or '.join(DP_STRATEGIES)}, "
                              f"not {self.strategy!r}")
         if self.dp_epsilon < 0 or self.dp_noise_multiplier < 0 or self.dp_clipping_norm <= 0:
             raise ValueError("run config dp-epsilon, dp-noise-multiplier must be >= 0 and dp-clipping-norm > 0")
+        if self.dp_batch_size < 1:
+            raise ValueError(f"run config dp-batch-size must be >= 1, not {self.dp_batch_size}")
         if not 0 < self.dp_delta < 1:
             raise ValueError(f"run config dp-delta must be in (0, 1), not {self.dp_delta}")
         self.mil_config(1, 2)  # validates model fields with MILConfig's own messages

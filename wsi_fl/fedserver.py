@@ -45,7 +45,7 @@ from . import __version__, fedarrays
 from .client_app import CLIENT_KEYS
 from .data import sort_classes
 from .fedauc import confusion_metrics, histogram_auc
-from .fedconfig import FedConfig
+from .fedconfig import CENTRAL_DP, FedConfig
 from .privacy import KEY_DP_WEIGHT, PrivacyLedger, make_plan, planned_noise, set_sample_size, wrap_strategy
 from .strategies import create_strategy, load_strategy_state, strategy_state
 
@@ -56,7 +56,10 @@ TRAIN_METRICS = {"num-examples", "train-loss"}
 
 #: Settings a resumed run must share with the run it continues (the rest, e.g. rounds, may change).
 _RESUME_KEYS = ("strategy", "model", "hidden-dim", "attn-dim", "dropout", "seed", "val-frac", "test-frac",
-                "label-col", "dp", "dp-epsilon", "dp-delta", "dp-noise-multiplier", "dp-clipping-norm", "secagg")
+                "label-col", "dp", "dp-epsilon", "dp-delta", "dp-noise-multiplier", "dp-clipping-norm", "dp-batch-size",
+                "secagg")
+#: ... and under slide-dpsgd also what each site's noise is calibrated over (its steps in the whole run).
+_RESUME_KEYS_DPSGD = ("num-server-rounds", "local-epochs")
 
 
 class FederationError(RuntimeError):
@@ -79,7 +82,7 @@ def client_config(cfg: FedConfig, classes: list[str] | None,
     """
     rc = cfg.to_run_config()
     values: dict[str, Any] = {k: rc[k] for k in CLIENT_KEYS}
-    if cfg.dp != "none":
+    if cfg.dp in CENTRAL_DP:  # under slide-dpsgd each site calibrates its own noise to dp-epsilon
         values["dp-noise-multiplier"] = noise_multiplier if noise_multiplier is not None else planned_noise(cfg)
     if classes is not None:
         values["classes"] = list(classes)
@@ -275,7 +278,8 @@ class ServerRun:
             return False
         state = torch.load(path, weights_only=False)
         saved, now = state["config"], self.cfg.to_run_config()
-        changed = [k for k in _RESUME_KEYS if saved.get(k) != now[k]]
+        keys = _RESUME_KEYS + (_RESUME_KEYS_DPSGD if self.cfg.dp == "slide-dpsgd" else ())
+        changed = [k for k in keys if saved.get(k) != now[k]]
         if changed or state["classes"] != self.classes:
             what = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed) or "classes differ"
             raise FederationError(f"{path}: cannot resume a run with other settings ({what})")
@@ -339,7 +343,10 @@ class ServerRun:
         return client_config(self.cfg, self.classes, self.ledger.plan.noise_multiplier if self.ledger else None)
 
     def train_metric_keys(self) -> set[str]:
-        """A training reply's metric keys: adaptive clipping at the site adds whether it clipped."""
+        """A training reply's metric keys: adaptive clipping at the site adds whether it clipped; under slide-dpsgd
+        a site sends the ε it has spent instead of its training loss (which is not private)."""
+        if self.cfg.dp == "slide-dpsgd":
+            return {"num-examples", "dp-epsilon"}
         return TRAIN_METRICS | ({KEY_NORM_BIT} if self.cfg.dp == "client-adaptive" else set())
 
     def check_budget(self, server_round: int) -> None:
@@ -381,6 +388,9 @@ class ServerRun:
         if new_arrays is not None and self.ledger is not None:
             self.ledger.spend()
         self.adopt(new_arrays, train_metrics, len(valid), row)
+        if self.cfg.dp == "slide-dpsgd" and valid:  # the most any site has spent: what the release guarantees
+            row.update({"dp-epsilon": max(float(next(iter(m.content.metric_records.values()))["dp-epsilon"])
+                                          for m in valid), "dp-delta": self.cfg.dp_delta})
         if self.ledger is not None:
             row.update({"dp-epsilon": self.ledger.epsilon, "dp-delta": self.ledger.plan.delta,
                         "dp-releases": self.ledger.releases, "dp-noise-multiplier": self.ledger.plan.noise_multiplier,

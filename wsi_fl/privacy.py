@@ -52,7 +52,7 @@ from flwr.supercore.privacy_accounting import (
 )
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
-from .fedconfig import FedConfig
+from .fedconfig import CENTRAL_DP, FedConfig
 
 log = logging.getLogger("wsi_fl.privacy")
 
@@ -91,14 +91,19 @@ def epsilon_after(noise_multiplier: float, releases: int, delta: float, populati
 
 def calibrate_noise(target_epsilon: float, delta: float, releases: int) -> float:
     """The smallest noise multiplier (to 0.1 %) whose ε after ``releases`` releases is at most the target."""
+    return bisect_noise(lambda sigma: epsilon_after(sigma, releases, delta), target_epsilon, delta)
+
+
+def bisect_noise(epsilon_of: Callable[[float], float], target_epsilon: float, delta: float) -> float:
+    """The smallest noise multiplier (to 0.1 %) with ``epsilon_of(sigma) <= target_epsilon`` (ε falls with σ)."""
     lo, hi = 1e-2, 1.0
-    while epsilon_after(hi, releases, delta) > target_epsilon:
+    while epsilon_of(hi) > target_epsilon:
         lo, hi = hi, hi * 2
         if hi > 1e6:
             raise ValueError(f"no noise multiplier reaches epsilon {target_epsilon} at delta {delta}")
     while hi - lo > 1e-3 * hi:
         mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if epsilon_after(mid, releases, delta) <= target_epsilon else (mid, hi)
+        lo, hi = (lo, mid) if epsilon_of(mid) <= target_epsilon else (mid, hi)
     return hi
 
 
@@ -116,7 +121,7 @@ def planned_noise(cfg: FedConfig) -> float:
 
 def make_plan(cfg: FedConfig, population: int) -> PrivacyPlan | None:
     """The federation's noise (None without DP); ``population``: sites connected at the start."""
-    if cfg.dp == "none":
+    if cfg.dp not in CENTRAL_DP:
         return None
     target = cfg.dp_epsilon or None
     sigma = planned_noise(cfg)

@@ -225,13 +225,33 @@ def check_instruction(policy: SitePolicy, message_type: str, config: Mapping[str
     if policy.require_dp:
         if settings["dp"] == "none":
             _refuse("the run is not differentially private (dp = 'none') and the policy sets require-dp")
-        if _number(settings["dp-noise-multiplier"]) < policy.min_noise_multiplier:
-            _refuse(f"dp-noise-multiplier {settings['dp-noise-multiplier']} is below min-noise-multiplier "
-                    f"{policy.min_noise_multiplier}")
+        noise = noise_in_force(settings, facts.train_bags)
+        if noise is not None and noise < policy.min_noise_multiplier:
+            _refuse(f"dp-noise-multiplier {noise:.4g} is below min-noise-multiplier {policy.min_noise_multiplier}"
+                    + (" (the noise this site's DP-SGD would use)" if settings["dp"] == "slide-dpsgd" else ""))
     if kind == MessageType.TRAIN and facts.train_bags is not None and facts.train_bags < policy.min_train_bags:
         _refuse(f"this site has {facts.train_bags} training bags, fewer than min-train-bags {policy.min_train_bags}")
     if kind == MessageType.EVALUATE and not policy.allow_site_metrics:
         _refuse("allow-site-metrics is false: this site does not report evaluation metrics")
+
+
+def noise_in_force(settings: Mapping[str, Any], train_bags: int | None) -> float | None:
+    """The noise multiplier a run's settings give; None where it is not known yet.
+
+    Under central DP the server sends it. Under slide-dpsgd with a target ε each site calibrates its own, which
+    depends on its number of training bags: known once a training instruction has them counted.
+    """
+    if settings["dp"] != "slide-dpsgd" or not _number(settings["dp-epsilon"]) > 0:
+        return _number(settings["dp-noise-multiplier"])
+    if train_bags is None or train_bags < 1:
+        return None
+    from .dpsgd import make_plan
+
+    return make_plan(train_bags, batch_size=int(_number(settings["dp-batch-size"])),
+                     local_epochs=int(_number(settings["local-epochs"])),
+                     rounds=int(_number(settings["num-server-rounds"])),
+                     clipping_norm=_number(settings["dp-clipping-norm"]), delta=_number(settings["dp-delta"]),
+                     target_epsilon=_number(settings["dp-epsilon"])).noise_multiplier
 
 
 def suppress_small_splits(metrics: Mapping[str, Any], min_slides: int) -> tuple[dict[str, Any], list[str]]:

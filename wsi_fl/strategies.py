@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Strategy
 
-from .fedconfig import FedConfig
+from .fedconfig import CENTRAL_DP, FedConfig
 from .privacy import KEY_DP_WEIGHT
 
 StrategyFactory = Callable[[FedConfig], Strategy]
@@ -55,8 +55,9 @@ def _common(cfg: FedConfig) -> dict[str, Any]:
         # for max(this, its sample size) sites before every sample: 0 leaves just the sample size (at least
         # min-train-/min-evaluate-nodes), which fedserver.wait_for_sites has waited for with round-timeout.
         "min_available_nodes": 0,
-        # FedAvg weights each site by its number of training bags; under DP equally (privacy.KEY_DP_WEIGHT).
-        "weighted_by_key": "num-examples" if cfg.dp == "none" else KEY_DP_WEIGHT,
+        # FedAvg weights each site by its number of training bags; under central DP equally (privacy.KEY_DP_WEIGHT).
+        # Under slide-dpsgd each update is private already and bag counts are public, so the usual weights stay.
+        "weighted_by_key": KEY_DP_WEIGHT if cfg.dp in CENTRAL_DP else "num-examples",
     }
 
 

@@ -91,14 +91,14 @@ def _targets_of(ds: Dataset) -> np.ndarray:
     return np.asarray(targets)
 
 
-def _set_epoch(ds: Dataset, epoch: int) -> None:
+def set_epoch(ds: Dataset, epoch: int) -> None:
     """Tell bag datasets (also inside a Subset or a pooled ConcatDataset) which epoch's subsample to draw."""
     if hasattr(ds, "set_epoch"):
         ds.set_epoch(epoch)
     for inner in getattr(ds, "datasets", ()):  # ConcatDataset
-        _set_epoch(inner, epoch)
+        set_epoch(inner, epoch)
     if hasattr(ds, "dataset"):  # Subset
-        _set_epoch(ds.dataset, epoch)
+        set_epoch(ds.dataset, epoch)
 
 
 def auc_score(targets: np.ndarray, probs: np.ndarray) -> float:
@@ -182,7 +182,7 @@ def train_epoch(model: MILModel, loader: DataLoader, optimizer: torch.optim.Opti
     = the global weights this round started from) is added to every step's loss,
     which keeps a site's local optimum from drifting far from the federation's.
     """
-    _set_epoch(loader.dataset, epoch)
+    set_epoch(loader.dataset, epoch)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     total, n_bags = 0.0, 0
