@@ -310,10 +310,15 @@ def ancestors() -> set[int]:
     while pid > 1 and pid not in found:
         found.add(pid)
         try:
-            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            pid = int(proc_stat(pid)[1])
         except (OSError, IndexError, ValueError):
             break
     return found
+
+
+def proc_stat(pid: int) -> list[str]:
+    """The fields of ``/proc/PID/stat`` after "(command)": state, ppid, ... (OSError if there is no such process)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
 
 
 def descendants(pid: int) -> list[int]:
@@ -321,7 +326,7 @@ def descendants(pid: int) -> list[int]:
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         with contextlib.suppress(OSError, IndexError, ValueError):
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])  # the fields after "(command)": state, ppid
+            ppid = int(proc_stat(int(stat.parent.name))[1])
             children.setdefault(ppid, []).append(int(stat.parent.name))
     found, todo = [], [pid]
     while todo:
@@ -333,7 +338,7 @@ def descendants(pid: int) -> list[int]:
 def is_running(pid: int) -> bool:
     """Whether ``pid`` (found in /proc) still runs; a zombie has ended."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        return proc_stat(pid)[0] != "Z"
     except (OSError, IndexError):
         return False
 

@@ -118,8 +118,6 @@ def train(msg: Message, context: Context, cohort: str | Path | None = None) -> M
     train_cfg = cfg.train_config()
     optimizer = make_optimizer(model, train_cfg)
     restore_optimizer_state(optimizer, context)
-    criterion = make_criterion(data.train, len(data.classes), train_cfg, device)
-    loader = make_loader(data.train, replace(train_cfg, seed=cfg.seed + server_round))
     mu = float(msg.content["config"].get("proximal-mu", 0.0))
     anchor = [p.detach().clone() for p in model.parameters()] if mu > 0 else None
     first_epoch = (server_round - 1) * cfg.local_epochs
@@ -128,6 +126,8 @@ def train(msg: Message, context: Context, cohort: str | Path | None = None) -> M
                                 "dp-epsilon": train_private(model, data, optimizer, cfg, server_round, context, device,
                                                             first_epoch=first_epoch, proximal_mu=mu, anchor=anchor)})
     else:
+        criterion = make_criterion(data.train, len(data.classes), train_cfg, device)
+        loader = make_loader(data.train, replace(train_cfg, seed=cfg.seed + server_round))
         losses = [train_epoch(model, loader, optimizer, criterion, device, epoch=first_epoch + e, proximal_mu=mu,
                               anchor=anchor) for e in range(cfg.local_epochs)]
         metrics = MetricRecord({"num-examples": len(data.train), "train-loss": float(np.mean(losses))})

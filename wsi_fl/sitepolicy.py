@@ -245,13 +245,11 @@ def noise_in_force(settings: Mapping[str, Any], train_bags: int | None) -> float
         return _number(settings["dp-noise-multiplier"])
     if train_bags is None or train_bags < 1:
         return None
-    from .dpsgd import make_plan
+    from .dpsgd import plan_for  # the site's own calibration, from the same settings its training will parse
 
-    return make_plan(train_bags, batch_size=int(_number(settings["dp-batch-size"])),
-                     local_epochs=int(_number(settings["local-epochs"])),
-                     rounds=int(_number(settings["num-server-rounds"])),
-                     clipping_norm=_number(settings["dp-clipping-norm"]), delta=_number(settings["dp-delta"]),
-                     target_epsilon=_number(settings["dp-epsilon"])).noise_multiplier
+    run_keys = FedConfig().to_run_config()
+    return plan_for(train_bags, FedConfig.from_run_config({k: v for k, v in settings.items() if k in run_keys})
+                    ).noise_multiplier
 
 
 def suppress_small_splits(metrics: Mapping[str, Any], min_slides: int) -> tuple[dict[str, Any], list[str]]:
