@@ -78,6 +78,24 @@ def check_inputs(config: MILConfig, x: Tensor, mask: Tensor | None, labels: Tens
             raise ValueError(f"labels must be in [0, {config.n_classes}), got {labels.tolist()}")
 
 
+def standardize_within_bag(x: Tensor, mask: Tensor, eps: float = 1e-5) -> Tensor:
+    """Each feature to mean 0 and variance 1 over its own bag's valid instances; padding stays 0.
+
+    Why: it puts every encoder's features on one scale and removes what is common to all of a slide's tiles
+    (stain, scanner, an encoder's constant offset), so a small model can learn which tiles stand out. Small models
+    are what DP-SGD needs, since its noise grows with the number of weights (the synthetic cohort's random-init
+    features sit at 1.16 +- 0.1, where a 4k-weight model learns nothing without it). It uses no other slide, so it
+    costs no privacy. What it loses: anything shared by all of a slide's tiles, e.g. a slide that is all tumour
+    looks like one with none, and a one-tile bag becomes zeros. A choice for the task, not a default.
+    """
+    valid = mask.unsqueeze(-1).to(x.dtype)
+    count = valid.sum(dim=1, keepdim=True)
+    mean = (x * valid).sum(dim=1, keepdim=True) / count
+    centred = (x - mean) * valid
+    var = centred.square().sum(dim=1, keepdim=True) / count
+    return centred / torch.sqrt(var + eps)
+
+
 class MILModel(nn.Module, ABC):
     """Base of the registered models: instance embedding + classifier; subclasses define :meth:`pool`.
 
@@ -100,6 +118,8 @@ class MILModel(nn.Module, ABC):
             # Zero padded rows before the Linear: its weight gradient is x^T @ grad, where a NaN/Inf
             # in padding would poison every weight even though its output gradient is 0.
             x = x.masked_fill(~mask.unsqueeze(-1), 0.0)
+        if self.config.input_norm == "slide":
+            x = standardize_within_bag(x, mask)
         return self.pool(self.embed(x), mask, labels)
 
     @abstractmethod

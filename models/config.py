@@ -12,6 +12,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+#: ``input_norm`` values: none, or per-slide standardisation of the features (models.base.standardize_within_bag).
+INPUT_NORMS = ("none", "slide")
+
 
 @dataclass(frozen=True)
 class MILConfig:
@@ -23,6 +26,9 @@ class MILConfig:
     dropout: float = field(default=0.25, metadata={"help": "dropout after the instance embedding"})
     k_sample: int = field(default=8, metadata={"help": "CLAM: top/bottom-k attended instances for the instance loss"})
     inst_weight: float = field(default=0.3, metadata={"help": "CLAM: weight of the instance loss in aux_loss"})
+    input_norm: str = field(default="none", metadata={"help": "none, or slide: standardise each feature over the "
+                                                               "slide's own tiles before the embedding (see "
+                                                               "models.base.standardize_within_bag)"})
 
     def __post_init__(self) -> None:
         # Validate here rather than at model build time, so a bad value fails where it was written
@@ -40,6 +46,8 @@ class MILConfig:
             raise ValueError(f"MILConfig.n_classes must be >= 2 (binary is 2 logits), not {self.n_classes}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"MILConfig.dropout must be in [0, 1), not {self.dropout}")
+        if self.input_norm not in INPUT_NORMS:
+            raise ValueError(f"MILConfig.input_norm must be one of {', '.join(INPUT_NORMS)}, not {self.input_norm!r}")
         if self.inst_weight < 0.0:
             raise ValueError(f"MILConfig.inst_weight must be >= 0, not {self.inst_weight}")
 

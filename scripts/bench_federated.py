@@ -36,6 +36,11 @@ well as the weights and splits, so the spread over seeds includes the partition'
 ``cohort/`` of ``wsi-fl demo``, whose sites differ by stain; every site needs
 ``features/`` and ``labels.csv``), shown as ``synthetic/as-is``.
 
+``--server-step S`` runs FedAvg/FedProx with that server step (``FedConfig.server_step``; 0: auto, the
+effective number of sites); their results are stored as ``fedavg step S`` beside the plain ones, and the
+other models' results are shared, so ``--strategies fedavg --server-step 0 --resume`` on an existing results
+file adds one column.
+
 Goals checked under the table: the better of FedAvg/FedProx (mean over seeds)
 ≥ pooled − 0.02 and ≥ best local. ``--overhead`` (first dataset and skew, first
 seed, FedAvg) times pooled ``fit`` against the real simulation engine
@@ -97,7 +102,7 @@ from preprocessing.h5format import REQUIRED_ATTRS, FeatureWriter
 from wsi_fl.compare import score_models
 from wsi_fl.data import TableBagDataset
 from wsi_fl.evaluate import EvalOptions
-from wsi_fl.fedconfig import FedConfig
+from wsi_fl.fedconfig import STEP_STRATEGIES, FedConfig
 from wsi_fl.fedsite import discover_cohort
 from wsi_fl.fit import Site, fit
 from wsi_fl.training import TrainConfig
@@ -127,24 +132,39 @@ class Protocol:
     val_frac: float = 0.15
     test_frac: float = 0.25
     model: MILConfig = field(default_factory=MILConfig)  # in_dim and n_classes come from the data
+    # FedAvg/FedProx's server step (FedConfig.server_step; 0: auto). Not in the fingerprint: it changes only those
+    # two strategies, whose results carry it in their model name instead (fed_name), so one results file holds both.
+    server_step: float = 1.0
 
     def train_config(self, seed: int) -> TrainConfig:
         return TrainConfig(epochs=self.epochs, lr=self.lr, weight_decay=self.weight_decay, optimizer=self.optimizer,
                            class_weighting=self.class_weighting, early_stopping="none", seed=seed)
 
+    def fed_name(self, strategy: str) -> str:
+        """The result's model name: the strategy, plus its server step where that is not plain FedAvg's 1."""
+        if self.server_step == 1.0 or strategy not in STEP_STRATEGIES:
+            return strategy
+        return f"{strategy} step {'auto' if self.server_step == 0 else f'{self.server_step:g}'}"
+
     def fed_config(self, strategy: str, seed: int, n_sites: int, out_dir: Path,
                    transport: str = "float32") -> FedConfig:
-        return FedConfig(num_server_rounds=self.epochs, local_epochs=1, strategy=strategy, model=self.model.model,
+        step = self.server_step if strategy in STEP_STRATEGIES else 1.0
+        return FedConfig(num_server_rounds=self.epochs, local_epochs=1, strategy=strategy, server_step=step,
+                         model=self.model.model,
                          hidden_dim=self.model.hidden_dim, attn_dim=self.model.attn_dim,
-                         dropout=self.model.dropout, optimizer=self.optimizer, lr=self.lr,
+                         dropout=self.model.dropout, input_norm=self.model.input_norm, optimizer=self.optimizer,
+                         lr=self.lr,
                          weight_decay=self.weight_decay, class_weighting=self.class_weighting, seed=seed,
                          val_frac=self.val_frac,
                          test_frac=self.test_frac, min_available_nodes=n_sites, min_train_nodes=n_sites,
                          min_evaluate_nodes=n_sites, transport=transport, out_dir=str(out_dir))
 
     def fingerprint(self) -> dict[str, Any]:
-        """What must match for a stored result to count as this protocol's."""
-        return dataclasses.asdict(self)
+        """What must match for a stored result to count as this protocol's (the server step is in fed_name)."""
+        found = {k: v for k, v in dataclasses.asdict(self).items() if k != "server_step"}
+        if found["model"]["input_norm"] == "none":  # added later: results stored before it still count
+            del found["model"]["input_norm"]
+        return found
 
 
 @dataclass(frozen=True)
@@ -360,7 +380,9 @@ def plan(cohort: Cohort, runs: Path, proto: Protocol, strategies: Sequence[str],
         jobs.append((f"local:{site.name}",
                      lambda site=site: train_fit([site], out / f"local_{site.name}", proto, cohort.seed)))
     for s in strategies:
-        jobs.append((s, lambda s=s: train_federated(cohort, out / s, proto, s, engine)))
+        name = proto.fed_name(s)
+        jobs.append((name, lambda s=s, name=name: train_federated(cohort, out / name.replace(" ", "_"), proto, s,
+                                                                  engine)))
     return jobs
 
 
@@ -455,8 +477,9 @@ def format_cell(values: Sequence[float], n_seeds: int) -> str:
     return f"{m:.3f}{partial}" if len(values) == 1 else f"{m:.3f} ± {s:.3f}{partial}"
 
 
-def goal_check(cols: dict[str, dict[int, float]]) -> str:
-    fed = {s: mean_std(list(cols[s].values()))[0] for s in GOAL_STRATEGIES if cols.get(s)}
+def goal_check(cols: dict[str, dict[int, float]], proto: Protocol) -> str:
+    fed = {name: mean_std(list(cols[name].values()))[0] for name in map(proto.fed_name, GOAL_STRATEGIES)
+           if cols.get(name)}
     if not fed or not cols.get("pooled") or not cols.get("best local"):
         return "incomplete"
     best = max(fed, key=lambda s: fed[s])
@@ -471,7 +494,7 @@ def goal_check(cols: dict[str, dict[int, float]]) -> str:
 def print_table(results: Results, proto: Protocol, combos: Sequence[tuple[str, str]], seeds: Sequence[int],
                 strategies: Sequence[str]) -> None:
     rows = [r for r in results.rows if r.get("protocol") == proto.fingerprint() and r.get("seed") in seeds]
-    columns = ["pooled", "best local", *strategies]
+    columns = ["pooled", "best local", *map(proto.fed_name, strategies)]
     width = 20
     print(f"\ntest AUC, mean ± std over seeds {list(seeds)} ({proto.epochs} epochs; '(k)': only k seeds done)")
     print(f"{'dataset/skew':<18}" + "".join(f"{c:>{width}}" for c in columns))
@@ -480,7 +503,7 @@ def print_table(results: Results, proto: Protocol, combos: Sequence[tuple[str, s
         cols = per_seed(rows, dataset, skew)
         cells = [format_cell(list(cols.get(c, {}).values()), len(seeds)) for c in columns]
         print(f"{dataset + '/' + skew:<18}" + "".join(f"{c:>{width}}" for c in cells))
-        checks.append(f"{dataset + '/' + skew:<18}{goal_check(cols)}")
+        checks.append(f"{dataset + '/' + skew:<18}{goal_check(cols, proto)}")
     print("\ngoals (better of FedAvg/FedProx by mean):")
     print("\n".join(checks))
 
@@ -576,6 +599,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     ap.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
     ap.add_argument("--epochs", type=int, default=Protocol.epochs, help="total epochs of every training mode")
+    ap.add_argument("--server-step", type=float, default=1.0,
+                    help="FedAvg/FedProx server step (1: plain FedAvg; 0: auto, the effective number of sites)")
     ap.add_argument("--engine", choices=sorted(ENGINES), default="inline")
     ap.add_argument("--work", type=Path, help="cohorts, models and results (default: a new temporary directory)")
     ap.add_argument("--results", type=Path, help="JSON-lines results file (default: <work>/results.jsonl)")
@@ -604,7 +629,7 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     results = Results(args.results or work / "results.jsonl")
     print(f"work directory {work}; results {results.path}", flush=True)
-    proto = Protocol(epochs=args.epochs)
+    proto = Protocol(epochs=args.epochs, server_step=args.server_step)
 
     def cohorts_for(dataset: str, skew: str) -> list[Cohort]:
         if dataset == "synthetic":

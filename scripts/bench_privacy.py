@@ -17,6 +17,9 @@ Examples::
     python scripts/bench_privacy.py --datasets musk1 --skews label --seeds 0 1 2 3 4
     python scripts/bench_privacy.py --datasets --synthetic /path/to/cohort --seeds 0 1 2
     python scripts/bench_privacy.py --mode slide-dpsgd --clip 1.0 --batch-size 8 --datasets fox --seeds 0 1 2
+    # DP-SGD's noise grows with the number of weights: a small model on per-slide standardised features
+    python scripts/bench_privacy.py --mode slide-dpsgd --clip 1.0 --batch-size 16 --dp-lr 5e-3 \
+        --hidden-dim 16 --attn-dim 8 --input-norm slide --datasets --synthetic COHORT --seeds 0 1 2 3 4
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from bench_federated import (
 )
 
 from models import MILConfig
+from models.config import INPUT_NORMS
 from wsi_fl.fedconfig import FedConfig
 
 GOAL_DROP = 0.05  # at epsilon 8
@@ -78,7 +82,10 @@ def main() -> int:
     ap.add_argument("--clip", type=float, default=0.1, help="clipping norm of a site's update (of a bag's gradient "
                                                             "with slide-dpsgd)")
     ap.add_argument("--batch-size", type=int, default=8, help="slide-dpsgd: expected bags per step")
+    ap.add_argument("--model", default=MILConfig.model, help="registered MIL model, with and without DP")
     ap.add_argument("--hidden-dim", type=int, default=MILConfig.hidden_dim, help="model width, with and without DP")
+    ap.add_argument("--input-norm", default=MILConfig.input_norm, choices=INPUT_NORMS,
+                    help="slide: standardise features per slide (models.base.standardize_within_bag)")
     ap.add_argument("--attn-dim", type=int, default=MILConfig.attn_dim, help="attention width, with and without DP")
     ap.add_argument("--lr", type=float, default=Protocol.lr, help="local learning rate")
     ap.add_argument("--dp-lr", type=float, help="local learning rate under DP [--lr]; DP-SGD takes one step per "
@@ -93,7 +100,8 @@ def main() -> int:
     work = (args.work or Path(tempfile.mkdtemp(prefix="benchdp-"))).resolve()
     results = Results(work / "results.jsonl")
     proto = Protocol(epochs=args.epochs, lr=args.lr,
-                     model=MILConfig(hidden_dim=args.hidden_dim, attn_dim=args.attn_dim))
+                     model=MILConfig(model=args.model, hidden_dim=args.hidden_dim, attn_dim=args.attn_dim,
+                                     input_norm=args.input_norm))
     sgd = {"dp_batch_size": args.batch_size} if args.mode == "slide-dpsgd" else {}
     if args.dp_lr is not None:
         sgd["lr"] = args.dp_lr

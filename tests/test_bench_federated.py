@@ -71,3 +71,16 @@ def test_wsi_scale_bags_are_valid_feature_files(bench, tmp_path):
     stamp = (tmp_path / "wsiscale" / "bags" / ".complete.json").stat().st_mtime_ns
     bench.build_cohort(tmp_path, None, "wsiscale", "size", seed=1, wsi_scale=(12, 50))  # reused, not rewritten
     assert (tmp_path / "wsiscale" / "bags" / ".complete.json").stat().st_mtime_ns == stamp
+
+
+def test_server_step_results_sit_beside_the_plain_ones(bench, tmp_path):
+    """One results file holds plain and stepped FedAvg: only those two strategies' names carry the step."""
+    plain, auto = bench.Protocol(), bench.Protocol(server_step=0.0)
+    assert plain.fingerprint() == auto.fingerprint()  # pooled, local and other strategies' results are shared
+    assert "server_step" not in plain.fingerprint() and "input_norm" not in plain.fingerprint()["model"]
+    assert [auto.fed_name(s) for s in ("fedavg", "fedprox", "fedadam")] == [
+        "fedavg step auto", "fedprox step auto", "fedadam"]
+    assert bench.Protocol(server_step=2.5).fed_name("fedavg") == "fedavg step 2.5"
+    assert plain.fed_name("fedavg") == "fedavg"
+    cfg = auto.fed_config("fedavg", 0, 3, tmp_path)
+    assert cfg.server_step == 0.0 and auto.fed_config("fedadam", 0, 3, tmp_path).server_step == 1.0

@@ -11,6 +11,7 @@ from bagsites import grid_for, history
 from flwr.app import Context, Message, MessageType, RecordDict
 
 from models import MILConfig, create_model
+from models.checkpoint import load_checkpoint
 from wsi_fl import dpsgd, fedarrays, privacy
 from wsi_fl.client_app import make_client_app
 from wsi_fl.data import Bag
@@ -156,6 +157,15 @@ def test_a_federation_under_slide_dpsgd_reports_each_sites_epsilon_and_sends_no_
             assert set(reply.content["metrics"].keys()) == {"num-examples", "dp-epsilon"}
     # The noise each site used is its own (none is sent by the server under slide-dpsgd).
     assert client_config(cfg, ["0", "1"])["dp-noise-multiplier"] == 0.0
+
+
+def test_the_small_model_setting_runs_under_slide_dpsgd_and_its_checkpoint_keeps_the_input_norm(cohort, tmp_path):
+    """The setting the threat model's synthetic figure uses: a small model on per-slide standardised features."""
+    cfg = fed(tmp_path, dp_epsilon=8.0, num_server_rounds=2, hidden_dim=16, attn_dim=8, input_norm="slide")
+    result = run_server(grid_for(cohort), cfg)
+    assert [r["aggregated"] for r in history(result.out_dir)] == [3, 3]
+    model, ckpt = load_checkpoint(Path(result.out_dir) / "last.pt")
+    assert ckpt.config.input_norm == model.config.input_norm == "slide"
 
 
 def test_any_strategy_keeps_the_guarantee_and_a_longer_resume_is_refused(cohort, tmp_path):

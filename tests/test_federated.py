@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import pytest
@@ -20,12 +21,14 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MessageType
 from sklearn.metrics import roc_auc_score
 
 import wsi_fl
+from models import MILConfig
 from models.checkpoint import load_checkpoint
+from models.config import INPUT_NORMS
 from wsi_fl import fedarrays
 from wsi_fl.cli import main
-from wsi_fl.client_app import make_client_app
+from wsi_fl.client_app import CLIENT_KEYS, make_client_app
 from wsi_fl.fedauc import histogram_auc, score_histograms
-from wsi_fl.fedconfig import FedConfig
+from wsi_fl.fedconfig import FedConfig, InputNorm
 from wsi_fl.fedserver import FederationError, client_config, run_server
 from wsi_fl.fedsite import discover_cohort, load_site
 from wsi_fl.inline_grid import InlineGrid
@@ -48,6 +51,15 @@ def test_pyproject_run_config_is_fedconfig():
     assert project["tool"]["flwr"]["app"]["config"] == FedConfig().to_run_config()
     assert FedConfig.from_run_config(project["tool"]["flwr"]["app"]["config"]) == FedConfig()
     assert project["project"]["version"] == wsi_fl.__version__
+
+
+def test_fedconfig_model_fields_reach_the_sites_model():
+    """Every MILConfig field a federation chooses is sent to the sites and builds their model."""
+    cfg = FedConfig(model="mean", hidden_dim=24, attn_dim=12, dropout=0.1, input_norm="slide")
+    sent = FedConfig.from_run_config({k: v for k, v in cfg.to_run_config().items() if k in CLIENT_KEYS})
+    assert sent.mil_config(16, 2) == MILConfig(model="mean", in_dim=16, hidden_dim=24, attn_dim=12, dropout=0.1,
+                                               input_norm="slide")
+    assert get_args(InputNorm) == INPUT_NORMS
 
 
 @pytest.mark.parametrize(("config", "message"), [

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from models import MILConfig, MILModel, create_model, list_models, masked_softmax, register_model
+from models.base import standardize_within_bag
 from models.clam import pseudo_label_indices
 
 BUILTIN = ("attention", "clam_sb", "gated_attention", "max", "mean")
@@ -59,8 +60,9 @@ def test_duplicate_registration_is_refused() -> None:
 
 @pytest.mark.parametrize("name", BUILTIN)
 @pytest.mark.parametrize("fill", [float("nan"), 1e4])
-def test_padded_batch_equals_each_bag_alone(name: str, fill: float) -> None:
-    model = build(tiny(name)).eval()
+@pytest.mark.parametrize("input_norm", ["none", "slide"])
+def test_padded_batch_equals_each_bag_alone(name: str, fill: float, input_norm: str) -> None:
+    model = build(tiny(name, input_norm=input_norm)).eval()
     bags = random_bags((5, 1, 8, 3))
     x, mask = pad(bags, fill)
     with torch.no_grad():
@@ -189,6 +191,31 @@ def test_bad_inputs_are_explained() -> None:
         model(torch.randn(1, 3, 16), labels=torch.tensor([2]))
 
 
+def test_standardize_within_bag_uses_only_the_valid_instances() -> None:
+    bags = [b * 3 + 7 for b in random_bags((6, 2, 9))]
+    x, mask = pad(bags, fill=0.0)
+    z = standardize_within_bag(x, mask)
+    for i, bag in enumerate(bags):
+        n = len(bag)
+        torch.testing.assert_close(z[i, :n].mean(dim=0), torch.zeros(16), atol=1e-5, rtol=0)
+        torch.testing.assert_close(z[i, :n].var(dim=0, unbiased=False), torch.ones(16), atol=1e-3, rtol=0)
+        assert torch.all(z[i, n:] == 0)
+
+
+@pytest.mark.parametrize("name", BUILTIN)
+def test_slide_input_norm_ignores_what_all_of_a_slides_tiles_share(name: str) -> None:
+    """A per-slide shift and scale of every feature (stain, scanner, an encoder's offset) changes nothing."""
+    bag = random_bags((12,))[0]
+    g = torch.Generator().manual_seed(5)
+    shifted = bag * (0.5 + torch.rand(16, generator=g)) + 10 * torch.randn(16, generator=g)
+    with torch.no_grad():
+        norm = build(tiny(name, input_norm="slide")).eval()
+        torch.testing.assert_close(norm(shifted.unsqueeze(0)).logits, norm(bag.unsqueeze(0)).logits,
+                                   atol=1e-4, rtol=0)
+        plain = build(tiny(name)).eval()
+        assert not torch.allclose(plain(shifted.unsqueeze(0)).logits, plain(bag.unsqueeze(0)).logits, atol=1e-2)
+
+
 def test_config_round_trip_and_validation() -> None:
     config = MILConfig(model="clam_sb", in_dim=384, n_classes=3, dropout=0.1, k_sample=4)
     assert MILConfig.from_dict(config.to_dict()) == config
@@ -197,6 +224,9 @@ def test_config_round_trip_and_validation() -> None:
         MILConfig.from_dict({**config.to_dict(), "hiden_dim": 64})
     with pytest.raises(ValueError, match="n_classes"):
         MILConfig(n_classes=1)
+    with pytest.raises(ValueError, match="input_norm must be one of none, slide, not 'batch'"):
+        MILConfig(input_norm="batch")
+    assert MILConfig.from_dict({"model": "mean"}).input_norm == "none"  # checkpoints written before the field
     with pytest.raises(ValueError, match="in_dim must be int"):
         MILConfig(in_dim="1024")
     with pytest.raises(dataclasses.FrozenInstanceError):

@@ -25,6 +25,7 @@ from .training import TrainConfig
 
 StrategyName = Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg"]
 Transport = Literal["float32", "float16"]
+InputNorm = Literal["none", "slide"]  # models.config.INPUT_NORMS
 DPMode = Literal["none", "client-fixed", "client-adaptive", "server-fixed", "server-adaptive", "slide-dpsgd"]
 
 #: Central DP modes: the server adds the noise to the mean of the sites' clipped updates (a site is the unit,
@@ -35,6 +36,9 @@ CENTRAL_DP = ("client-fixed", "client-adaptive", "server-fixed", "server-adaptiv
 #: makes it private (FedAdam/FedYogi keep moments of the un-noised mean; FedMedian/FedTrimmedAvg have another
 #: sensitivity).
 DP_STRATEGIES = ("fedavg", "fedprox")
+
+#: Strategies whose round ends at the sites' weighted mean, which ``server-step`` can scale (wsi_fl.strategies).
+STEP_STRATEGIES = ("fedavg", "fedprox")
 SelectOn = Literal["val-auc", "val-loss", "last"]
 
 
@@ -52,6 +56,10 @@ class FedConfig:
     round_timeout: float = field(default=600.0, metadata={"help": "seconds to wait for a round's replies"})
     # Strategy parameters
     proximal_mu: float = field(default=0.01, metadata={"help": "FedProx proximal weight mu"})
+    server_step: float = field(default=1.0, metadata={"help": "FedAvg/FedProx: the server moves this many times "
+                                                               "from the global model towards the sites' weighted "
+                                                               "mean (1: plain FedAvg; 0: auto, the effective number "
+                                                               "of sites 1/sum(w^2))"})
     server_lr: float = field(default=0.01, metadata={"help": "FedAdam/FedYogi server learning rate (eta)"})
     server_beta_1: float = field(default=0.9, metadata={"help": "FedAdam/FedYogi first-moment decay"})
     server_beta_2: float = field(default=0.99, metadata={"help": "FedAdam/FedYogi second-moment decay"})
@@ -75,6 +83,8 @@ class FedConfig:
     hidden_dim: int = field(default=512, metadata={"help": "instance embedding width"})
     attn_dim: int = field(default=256, metadata={"help": "attention MLP width"})
     dropout: float = field(default=0.25, metadata={"help": "dropout after the instance embedding"})
+    input_norm: InputNorm = field(default="none", metadata={"help": "none, or slide: standardise each feature over the "
+                                                               "slide's own tiles (small models, DP-SGD)"})
     # Local optimisation (sent to the sites)
     optimizer: Literal["adam", "adamw"] = field(default="adam", metadata={"help": "local optimizer"})
     lr: float = field(default=2e-4, metadata={"help": "local learning rate"})
@@ -117,6 +127,17 @@ class FedConfig:
                              f"not {self.val_frac}, {self.test_frac}")
         if self.proximal_mu < 0 or self.lr <= 0 or self.server_lr <= 0:
             raise ValueError("run config proximal-mu must be >= 0 and lr, server-lr > 0")
+        if self.server_step < 0:
+            raise ValueError(f"run config server-step must be >= 0 (0: auto), not {self.server_step}")
+        if self.server_step != 1.0 and self.strategy not in STEP_STRATEGIES:
+            raise ValueError(f"run config server-step applies to {' and '.join(STEP_STRATEGIES)} only; "
+                             f"{self.strategy!r} takes its own server step (server-lr) or none")
+        if self.server_step != 1.0 and self.dp in CENTRAL_DP:
+            raise ValueError(f"run config server-step must be 1 with dp = {self.dp!r}: the noise is calibrated to "
+                             "the mean of the clipped updates, and a larger step would scale its sensitivity")
+        if self.server_step == 0.0 and self.secagg:
+            raise ValueError("run config server-step = 0 (auto) weighs the sites' replies, but under SecAgg+ the "
+                             "strategy gets their sum as one update; give a number instead")
         if self.dp != "none" and not (self.dp_epsilon > 0 or self.dp_noise_multiplier > 0):
             raise ValueError(f"run config dp = {self.dp!r} needs dp-epsilon > 0 or dp-noise-multiplier > 0")
         if self.dp in CENTRAL_DP and self.strategy not in DP_STRATEGIES:
@@ -145,7 +166,7 @@ class FedConfig:
 
     def mil_config(self, in_dim: int, n_classes: int) -> MILConfig:
         return MILConfig(model=self.model, in_dim=in_dim, n_classes=n_classes, hidden_dim=self.hidden_dim,
-                         attn_dim=self.attn_dim, dropout=self.dropout)
+                         attn_dim=self.attn_dim, dropout=self.dropout, input_norm=self.input_norm)
 
     def train_config(self) -> TrainConfig:
         """The local optimisation settings each site applies (one round = ``local_epochs`` epochs)."""

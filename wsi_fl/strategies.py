@@ -9,10 +9,12 @@ through :func:`strategy_state` and :func:`load_strategy_state`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Strategy
 
 from .fedconfig import CENTRAL_DP, FedConfig
@@ -66,15 +68,75 @@ def _fedopt(cfg: FedConfig) -> dict[str, Any]:
             "tau": cfg.server_tau}
 
 
+def effective_sites(weights: Iterable[float]) -> float:
+    """1 / sum(w_i^2) of the normalised weights: 3 for three equal sites, 1 when one site has all the weight."""
+    w = np.asarray(list(weights), dtype=np.float64)
+    return float(w.sum() ** 2 / np.square(w).sum())
+
+
+class ServerStep:
+    """FedAvg's weighted mean, then a server step of ``server_step`` times the move from the global model to it.
+
+    Why: with one local epoch per round, each site takes as many optimizer steps as it has bags, and the mean of the
+    sites' moves goes about 1/sum(w^2) times less far than an epoch of pooled training over the same bags (the
+    sites' moves are averaged where pooled training's add up). At the same total epochs, plain FedAvg is
+    under-trained by that factor; ``server_step = 0`` scales the mean move back by it each round (the effective
+    number of sites that replied), a number the server already knows from the weights. Any other value is a
+    fixed server learning rate (Reddi et al. 2021's FedOpt with SGD at the server; 1 is plain FedAvg). The global
+    model is taken from ``configure_train`` every round, so there is no state to checkpoint.
+
+    Measured (scripts/bench_federated.py --server-step 0, four MIL tables x two skews, 5 seeds): auto changed
+    FedAvg's test AUC by -0.031 to +0.032 per cell, -0.005 on average, so it stays off by default.
+    """
+
+    server_step: float
+    weighted_by_key: str
+    _global: ArrayRecord | None
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self._global = arrays
+        return super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        mean, metrics = super().aggregate_train(server_round, replies)  # type: ignore[misc]
+        if mean is None or self.server_step == 1.0 or self._global is None:
+            return mean, metrics
+        step = self.server_step or effective_sites(
+            next(iter(m.content.metric_records.values()))[self.weighted_by_key] for m in replies if m.has_content())
+        return ArrayRecord({key: Array(_step(self._global[key].numpy(), array.numpy(), step))
+                            for key, array in mean.items()}), metrics
+
+
+def _step(old: np.ndarray, mean: np.ndarray, step: float) -> np.ndarray:
+    if not np.issubdtype(old.dtype, np.floating):
+        return mean
+    return np.asarray(old + step * (mean - old), dtype=old.dtype)
+
+
+class StepFedAvg(ServerStep, FedAvg):
+    def __init__(self, server_step: float = 1.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.server_step, self._global = server_step, None
+
+
+class StepFedProx(ServerStep, FedProx):
+    def __init__(self, server_step: float = 1.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.server_step, self._global = server_step, None
+
+
 @register_strategy("fedavg")
 def fedavg(cfg: FedConfig) -> Strategy:
-    return FedAvg(**_common(cfg))
+    return StepFedAvg(server_step=cfg.server_step, **_common(cfg))
 
 
 @register_strategy("fedprox")
 def fedprox(cfg: FedConfig) -> Strategy:
     """FedAvg aggregation; sites add ``mu/2 ||w - w_global||^2`` to their loss (``proximal-mu`` in config)."""
-    return FedProx(proximal_mu=cfg.proximal_mu, **_common(cfg))
+    return StepFedProx(server_step=cfg.server_step, proximal_mu=cfg.proximal_mu, **_common(cfg))
 
 
 @register_strategy("fedadam")
