@@ -84,3 +84,17 @@ def test_server_step_results_sit_beside_the_plain_ones(bench, tmp_path):
     assert plain.fed_name("fedavg") == "fedavg"
     cfg = auto.fed_config("fedavg", 0, 3, tmp_path)
     assert cfg.server_step == 0.0 and auto.fed_config("fedadam", 0, 3, tmp_path).server_step == 1.0
+
+
+def test_goal_lines_give_the_best_local_per_seed_and_the_best_site(bench):
+    def row(model, seed, auc):
+        return {"kind": "run", "dataset": "d", "skew": "size", "model": model, "seed": seed, "auc": auc}
+
+    rows = [row("pooled", 0, 0.90), row("pooled", 1, 0.90), row("fedavg", 0, 0.75), row("fedavg", 1, 0.75),
+            row("local:site_1", 0, 0.80), row("local:site_1", 1, 0.60),
+            row("local:site_2", 0, 0.60), row("local:site_2", 1, 0.80)]
+    cols = bench.per_seed(rows, "d", "size")
+    assert cols["best local"] == {0: 0.80, 1: 0.80}
+    line = bench.goal_check(cols, bench.Protocol())
+    assert line == ("fedavg 0.750 >= pooled 0.900 - 0.02: NO; >= best local 0.800: NO; "
+                    ">= best site 0.700: yes")
