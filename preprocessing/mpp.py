@@ -34,15 +34,20 @@ MPP_RANGE = (0.05, 50.0)
 MAX_ANISOTROPY = 0.05
 
 
+#: What fixes an implausible value from each source. Only --mpp-csv overrides the file (rule 1 above).
+_FIX = {
+    "file metadata": "supply the right one for this slide with --mpp-csv (it overrides the file)",
+    "user's --mpp-csv": "correct this slide's row in --mpp-csv",
+    "user's --default-mpp": "correct --default-mpp",
+}
+
+
 def check_mpp(path: str | os.PathLike, mpp: float, source: str) -> float:
-    """Return ``mpp`` if plausible, else raise :class:`SlideError` naming the value and its source."""
+    """Return ``mpp`` if plausible, else raise :class:`SlideError` naming the value, its source and the fix."""
     lo, hi = MPP_RANGE
     if not math.isfinite(mpp) or not lo <= mpp <= hi:
-        raise SlideError(
-            path,
-            f"implausible MPP {mpp:g} µm/px from the {source} (expected {lo:g}-{hi:g});"
-            " supply the right one with --mpp-csv or --default-mpp",
-        )
+        raise SlideError(path, f"implausible MPP {mpp:g} µm/px from the {source} (expected {lo:g}-{hi:g}); "
+                               f"{_FIX.get(source, 'supply the right one with --mpp-csv')}")
     return float(mpp)
 
 

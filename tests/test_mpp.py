@@ -33,6 +33,20 @@ def test_implausible_values_refused_with_file_and_value_named(bad):
     assert message.startswith("scan.tiff: implausible MPP") and "\n" not in message
 
 
+@pytest.mark.parametrize(("kwargs", "properties", "fix"), [
+    ({}, {"openslide.mpp-x": "352.78", "openslide.mpp-y": "352.78"},
+     "supply the right one for this slide with --mpp-csv (it overrides the file)"),
+    ({"user_mpp": 500.0}, {}, "correct this slide's row in --mpp-csv"),
+    ({"default_mpp": 500.0}, {}, "correct --default-mpp"),
+])
+def test_an_implausible_mpp_names_the_option_that_fixes_it(kwargs, properties, fix):
+    """--default-mpp never overrides a file's value, so it is not offered as the fix for one."""
+    with pytest.raises(SlideError) as err:
+        resolve_mpp("scan.tiff", properties, **kwargs)
+    assert str(err.value).endswith(fix)
+    assert "--default-mpp" not in str(err.value) or kwargs.get("default_mpp")
+
+
 def test_zero_mpp_in_file_means_unknown_and_anisotropy_refused():
     assert file_mpp("a.tif", {"openslide.mpp-x": "0", "openslide.mpp-y": "0"}) is None
     with pytest.raises(SlideError, match="non-square"):
