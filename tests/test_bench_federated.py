@@ -96,5 +96,14 @@ def test_goal_lines_give_the_best_local_per_seed_and_the_best_site(bench):
     cols = bench.per_seed(rows, "d", "size")
     assert cols["best local"] == {0: 0.80, 1: 0.80}
     line = bench.goal_check(cols, bench.Protocol())
-    assert line == ("fedavg 0.750 >= pooled 0.900 - 0.02: NO; >= best local 0.800: NO; "
-                    ">= best site 0.700: yes")
+    assert line == ("fedavg 0.750 >= pooled 0.900 - 0.02: NO (paired fedavg - pooled, 95% CI -0.150 to -0.150); "
+                    ">= best local 0.800: NO; >= best site 0.700: yes")
+
+
+def test_paired_interval_is_students_t_over_the_common_seeds(bench):
+    a = {0: 0.9, 1: 0.8, 2: 0.7, 3: 0.5}
+    b = {0: 0.8, 1: 0.8, 2: 0.6}  # seed 3 has no pair
+    lo, hi = bench.paired_interval(a, b)
+    half = 4.302653 * np.std([0.1, 0.0, 0.1], ddof=1) / np.sqrt(3)  # t(0.975, 2 df)
+    assert (lo, hi) == pytest.approx((0.2 / 3 - half, 0.2 / 3 + half), abs=1e-6)
+    assert all(np.isnan(bench.paired_interval({0: 1.0}, {0: 0.5})))
