@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord
+from flwr.app import Array, ArrayRecord, Message, MetricRecord
 
 TRANSPORT_DTYPES = {"float32": np.float32, "float16": np.float16}
 
@@ -84,3 +84,8 @@ def check_weight(value: object) -> str | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         return f"num-examples must be a positive number, not {value!r}"
     return None
+
+
+def reply_metrics(reply: Message) -> MetricRecord:
+    """A screened training reply's one MetricRecord (``fedserver.screen_replies`` checks there is exactly one)."""
+    return next(iter(reply.content.metric_records.values()))

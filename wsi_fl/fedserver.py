@@ -368,7 +368,7 @@ class ServerRun:
                         sampled)
             return False
         for reply in valid:
-            next(iter(reply.content.metric_records.values()))[KEY_DP_WEIGHT] = 1
+            fedarrays.reply_metrics(reply)[KEY_DP_WEIGHT] = 1
         return True
 
     def aggregate(self, server_round: int, messages: list[Message], valid: list[Message], row: dict[str, Any]) -> None:
@@ -389,8 +389,8 @@ class ServerRun:
             self.ledger.spend()
         self.adopt(new_arrays, train_metrics, len(valid), row)
         if self.cfg.dp == "slide-dpsgd" and valid:  # the most any site has spent: what the release guarantees
-            row.update({"dp-epsilon": max(float(next(iter(m.content.metric_records.values()))["dp-epsilon"])
-                                          for m in valid), "dp-delta": self.cfg.dp_delta})
+            row.update({"dp-epsilon": max(float(fedarrays.reply_metrics(m)["dp-epsilon"]) for m in valid),
+                        "dp-delta": self.cfg.dp_delta})
         if self.ledger is not None:
             row.update({"dp-epsilon": self.ledger.epsilon, "dp-delta": self.ledger.plan.delta,
                         "dp-releases": self.ledger.releases, "dp-noise-multiplier": self.ledger.plan.noise_multiplier,
