@@ -286,6 +286,16 @@ def test_resumed_server_continues_from_last_round(cohort, tmp_path):
         torch.testing.assert_close(a, b)
     with pytest.raises(FederationError, match=r"cannot resume.*strategy"):
         run_server(grid, fed(tmp_path, "resumed", num_server_rounds=5, strategy="fedavg", resume=True))
+    with pytest.raises(FederationError, match=r"cannot resume.*input-norm: 'none' -> 'slide'"):
+        run_server(grid, fed(tmp_path, "resumed", num_server_rounds=5, strategy="fedadam", input_norm="slide",
+                             resume=True))
+    # A state saved before a key existed (here input-norm) resumes as if the key had its default.
+    state_path = tmp_path / "resumed" / "state.pt"
+    state = torch.load(state_path, weights_only=False)
+    del state["config"]["input-norm"]
+    torch.save(state, state_path)
+    assert run_server(grid, fed(tmp_path, "resumed", num_server_rounds=5, strategy="fedadam",
+                                resume=True)).rounds_completed == 5
 
 
 @pytest.mark.parametrize("strategy", list_strategies())

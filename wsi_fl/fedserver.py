@@ -55,7 +55,7 @@ log = logging.getLogger("wsi_fl.server")
 TRAIN_METRICS = {"num-examples", "train-loss"}
 
 #: Settings a resumed run must share with the run it continues (the rest, e.g. rounds, may change).
-_RESUME_KEYS = ("strategy", "model", "hidden-dim", "attn-dim", "dropout", "seed", "val-frac", "test-frac",
+_RESUME_KEYS = ("strategy", "model", "hidden-dim", "attn-dim", "dropout", "input-norm", "seed", "val-frac", "test-frac",
                 "label-col", "dp", "dp-epsilon", "dp-delta", "dp-noise-multiplier", "dp-clipping-norm", "dp-batch-size",
                 "secagg")
 #: ... and under slide-dpsgd also what each site's noise is calibrated over (its steps in the whole run).
@@ -277,11 +277,12 @@ class ServerRun:
         if not self.cfg.resume or not path.is_file():
             return False
         state = torch.load(path, weights_only=False)
-        saved, now = state["config"], self.cfg.to_run_config()
+        # A key the saved run predates had its default there (e.g. input-norm, dp-batch-size).
+        saved, now = FedConfig().to_run_config() | state["config"], self.cfg.to_run_config()
         keys = _RESUME_KEYS + (_RESUME_KEYS_DPSGD if self.cfg.dp == "slide-dpsgd" else ())
-        changed = [k for k in keys if saved.get(k) != now[k]]
+        changed = [k for k in keys if saved[k] != now[k]]
         if changed or state["classes"] != self.classes:
-            what = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed) or "classes differ"
+            what = ", ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed) or "classes differ"
             raise FederationError(f"{path}: cannot resume a run with other settings ({what})")
         self.arrays = ArrayRecord({k: fedarrays.Array(v) for k, v in state["arrays"].items()})
         load_strategy_state(self.strategy, state["strategy"])
