@@ -153,10 +153,7 @@ class Protocol:
                    transport: str = "float32") -> FedConfig:
         step = self.server_step if strategy in STEP_STRATEGIES else 1.0
         return FedConfig(num_server_rounds=self.epochs, local_epochs=1, strategy=strategy, server_step=step,
-                         model=self.model.model,
-                         hidden_dim=self.model.hidden_dim, attn_dim=self.model.attn_dim,
-                         dropout=self.model.dropout, input_norm=self.model.input_norm, optimizer=self.optimizer,
-                         lr=self.lr,
+                         **FedConfig.model_fields(self.model), optimizer=self.optimizer, lr=self.lr,
                          weight_decay=self.weight_decay, class_weighting=self.class_weighting, seed=seed,
                          val_frac=self.val_frac,
                          test_frac=self.test_frac, min_available_nodes=n_sites, min_train_nodes=n_sites,

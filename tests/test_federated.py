@@ -7,6 +7,7 @@ Most tests deliver messages with the in-process grid of :mod:`wsi_fl.inline_grid
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -28,7 +29,7 @@ from wsi_fl import fedarrays
 from wsi_fl.cli import main
 from wsi_fl.client_app import CLIENT_KEYS, make_client_app
 from wsi_fl.fedauc import histogram_auc, score_histograms
-from wsi_fl.fedconfig import FedConfig, InputNorm
+from wsi_fl.fedconfig import MODEL_FIELDS, FedConfig, InputNorm
 from wsi_fl.fedserver import FederationError, client_config, run_server
 from wsi_fl.fedsite import discover_cohort, load_site
 from wsi_fl.inline_grid import InlineGrid
@@ -60,6 +61,16 @@ def test_fedconfig_model_fields_reach_the_sites_model():
     assert sent.mil_config(16, 2) == MILConfig(model="mean", in_dim=16, hidden_dim=24, attn_dim=12, dropout=0.1,
                                                input_norm="slide")
     assert get_args(InputNorm) == INPUT_NORMS
+
+
+def test_model_fields_cover_every_milconfig_field_a_federation_can_choose():
+    """A MILConfig field added later fails here until it is either federated (MODEL_FIELDS) or left out on purpose."""
+    not_federated = {"in_dim", "n_classes", "k_sample", "inst_weight"}  # from the sites' data; CLAM defaults
+    milconfig_fields = {f.name for f in dataclasses.fields(MILConfig)}
+    assert set(MODEL_FIELDS) == milconfig_fields - not_federated
+    assert set(MODEL_FIELDS) <= {f.name for f in dataclasses.fields(FedConfig)}
+    mil = MILConfig(model="mean", in_dim=16, hidden_dim=24, attn_dim=12, dropout=0.1, input_norm="slide")
+    assert FedConfig(**FedConfig.model_fields(mil)).mil_config(16, 2) == mil
 
 
 @pytest.mark.parametrize(("config", "message"), [

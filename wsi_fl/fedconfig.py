@@ -41,6 +41,11 @@ DP_STRATEGIES = ("fedavg", "fedprox")
 STEP_STRATEGIES = ("fedavg", "fedprox")
 SelectOn = Literal["val-auc", "val-loss", "last"]
 
+#: The MILConfig fields a federation chooses, under the same names here (in_dim and n_classes come from the sites'
+#: data; CLAM's k_sample and inst_weight keep their defaults). One list, so a script that turns a MILConfig into a
+#: FedConfig (scripts/bench_federated.py) cannot forget a field added later.
+MODEL_FIELDS = ("model", "hidden_dim", "attn_dim", "dropout", "input_norm")
+
 
 @dataclass(frozen=True)
 class FedConfig:
@@ -165,8 +170,12 @@ class FedConfig:
         return {_key(k): v for k, v in dataclasses.asdict(self).items()}
 
     def mil_config(self, in_dim: int, n_classes: int) -> MILConfig:
-        return MILConfig(model=self.model, in_dim=in_dim, n_classes=n_classes, hidden_dim=self.hidden_dim,
-                         attn_dim=self.attn_dim, dropout=self.dropout, input_norm=self.input_norm)
+        return MILConfig(in_dim=in_dim, n_classes=n_classes, **{k: getattr(self, k) for k in MODEL_FIELDS})
+
+    @staticmethod
+    def model_fields(mil: MILConfig) -> dict[str, Any]:
+        """The FedConfig keyword arguments that make :meth:`mil_config` rebuild ``mil``'s model settings."""
+        return {k: getattr(mil, k) for k in MODEL_FIELDS}
 
     def train_config(self) -> TrainConfig:
         """The local optimisation settings each site applies (one round = ``local_epochs`` epochs)."""
