@@ -37,7 +37,7 @@ from models import MILModel, create_model
 
 from . import dpsgd, fedarrays
 from .fedauc import confusion, score_histograms
-from .fedconfig import FedConfig
+from .fedconfig import MODEL_KEYS, FedConfig
 from .fedsite import SiteData, load_site, site_from_node_config
 from .logsetup import configure_logging
 from .privacy import clipping_mod
@@ -57,10 +57,9 @@ from .training import (
 log = logging.getLogger("wsi_fl.client")
 
 #: FedConfig keys the server sends to sites with every instruction (the rest concern the server only).
-CLIENT_KEYS = ("local-epochs", "model", "hidden-dim", "attn-dim", "dropout", "input-norm", "optimizer", "lr",
-               "weight-decay", "class-weighting", "max-instances", "label-col", "val-frac", "test-frac", "seed",
-               "transport", "auc-bins", "num-server-rounds", "strategy", "dp", "dp-noise-multiplier",
-               "dp-clipping-norm", "dp-epsilon", "dp-delta", "dp-batch-size", "secagg")
+CLIENT_KEYS = ("local-epochs", *MODEL_KEYS, "optimizer", "lr", "weight-decay", "class-weighting", "max-instances",
+               "label-col", "val-frac", "test-frac", "seed", "transport", "auc-bins", "num-server-rounds", "strategy",
+               "dp", "dp-noise-multiplier", "dp-clipping-norm", "dp-epsilon", "dp-delta", "dp-batch-size", "secagg")
 
 _OPTIMIZER_STATE = "wsi-fl.optimizer"
 _DPSGD_STATE = "wsi-fl.dpsgd"  # DP-SGD steps this site has taken in this run

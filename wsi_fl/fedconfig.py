@@ -42,9 +42,12 @@ STEP_STRATEGIES = ("fedavg", "fedprox")
 SelectOn = Literal["val-auc", "val-loss", "last"]
 
 #: The MILConfig fields a federation chooses, under the same names here (in_dim and n_classes come from the sites'
-#: data; CLAM's k_sample and inst_weight keep their defaults). One list, so a script that turns a MILConfig into a
-#: FedConfig (scripts/bench_federated.py) cannot forget a field added later.
+#: data; CLAM's k_sample and inst_weight keep their defaults). One list, so a field added later reaches what the sites
+#: are sent (client_app.CLIENT_KEYS), what a resumed run must keep (fedserver) and a script that turns a MILConfig
+#: into a FedConfig (scripts/bench_federated.py); input-norm was once missing from the resume keys.
 MODEL_FIELDS = ("model", "hidden_dim", "attn_dim", "dropout", "input_norm")
+#: The same as run-config keys: what the server sends the sites, and what a resumed run must keep.
+MODEL_KEYS = tuple(name.replace("_", "-") for name in MODEL_FIELDS)
 
 
 @dataclass(frozen=True)

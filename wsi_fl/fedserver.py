@@ -45,7 +45,7 @@ from . import __version__, fedarrays
 from .client_app import CLIENT_KEYS
 from .data import sort_classes
 from .fedauc import confusion_metrics, histogram_auc
-from .fedconfig import CENTRAL_DP, FedConfig
+from .fedconfig import CENTRAL_DP, MODEL_KEYS, FedConfig
 from .privacy import KEY_DP_WEIGHT, PrivacyLedger, make_plan, planned_noise, set_sample_size, wrap_strategy
 from .strategies import create_strategy, load_strategy_state, strategy_state
 
@@ -55,9 +55,8 @@ log = logging.getLogger("wsi_fl.server")
 TRAIN_METRICS = {"num-examples", "train-loss"}
 
 #: Settings a resumed run must share with the run it continues (the rest, e.g. rounds, may change).
-_RESUME_KEYS = ("strategy", "model", "hidden-dim", "attn-dim", "dropout", "input-norm", "seed", "val-frac", "test-frac",
-                "label-col", "dp", "dp-epsilon", "dp-delta", "dp-noise-multiplier", "dp-clipping-norm", "dp-batch-size",
-                "secagg")
+_RESUME_KEYS = ("strategy", *MODEL_KEYS, "seed", "val-frac", "test-frac", "label-col", "dp", "dp-epsilon", "dp-delta",
+                "dp-noise-multiplier", "dp-clipping-norm", "dp-batch-size", "secagg")
 #: ... and under slide-dpsgd also what each site's noise is calibrated over (its steps in the whole run).
 _RESUME_KEYS_DPSGD = ("num-server-rounds", "local-epochs")
 
