@@ -81,5 +81,6 @@ def test_server_step_refusals(config: dict, message: str) -> None:
 
 
 def test_server_step_is_allowed_where_it_is_post_processing() -> None:
-    FedConfig(server_step=0.0, dp="slide-dpsgd", dp_epsilon=8.0)  # each site's update is private already
-    FedConfig(server_step=3.0, secagg=True)  # a fixed number needs no site's weight
+    private = FedConfig(server_step=0.0, dp="slide-dpsgd", dp_epsilon=8.0)  # each site's update is private already
+    summed = FedConfig(server_step=3.0, secagg=True)  # a fixed number needs no site's weight
+    assert [create_strategy(cfg).server_step for cfg in (private, summed)] == [0.0, 3.0]
