@@ -42,7 +42,8 @@ well as the weights and splits, so the spread over seeds includes the partition'
 ``--server-step S`` runs FedAvg/FedProx with that server step (``FedConfig.server_step``; 0: auto, the
 effective number of sites); their results are stored as ``fedavg step S`` beside the plain ones, and the
 other models' results are shared, so ``--strategies fedavg --server-step 0 --resume`` on an existing results
-file adds one column.
+file adds one column. ``--proximal-mu M`` does the same for FedProx's mu (results named ``fedprox mu M``; plain
+``fedprox`` is mu 0.01, ``LEGACY_MU``, the default every stored result was run under).
 
 Goals checked under the table: the better of FedAvg/FedProx (mean over seeds)
 ≥ pooled − 0.02 and ≥ best local. ``--overhead`` (first dataset and skew, first
@@ -119,6 +120,7 @@ SIZE_SKEW_SHARES = (0.15, 0.30, 0.55)  # share of the bags of each site
 WSI_SCALE_DIM = 1024  # feature width of the "wsiscale" timing cohort (a ResNet-50 trunk / UNI-sized embedding)
 MIN_PER_CLASS = 2  # bags of each class every site keeps, so its own train/val/test split works
 POOLED_MARGIN = 0.02
+LEGACY_MU = 0.01  # FedProx's mu of every result stored before --proximal-mu existed (FedConfig's default then)
 
 
 @dataclass(frozen=True)
@@ -138,16 +140,23 @@ class Protocol:
     # FedAvg/FedProx's server step (FedConfig.server_step; 0: auto). Not in the fingerprint: it changes only those
     # two strategies, whose results carry it in their model name instead (fed_name), so one results file holds both.
     server_step: float = 1.0
+    # FedProx's mu, likewise kept out of the fingerprint: a FedProx result run with any other mu than the one the
+    # first results were stored under (LEGACY_MU) is named for it ("fedprox mu 1"), so both sit in one file.
+    proximal_mu: float = LEGACY_MU
 
     def train_config(self, seed: int) -> TrainConfig:
         return TrainConfig(epochs=self.epochs, lr=self.lr, weight_decay=self.weight_decay, optimizer=self.optimizer,
                            class_weighting=self.class_weighting, early_stopping="none", seed=seed)
 
     def fed_name(self, strategy: str) -> str:
-        """The result's model name: the strategy, plus its server step where that is not plain FedAvg's 1."""
-        if self.server_step == 1.0 or strategy not in STEP_STRATEGIES:
-            return strategy
-        return f"{strategy} step {'auto' if self.server_step == 0 else f'{self.server_step:g}'}"
+        """The result's model name: the strategy, plus its server step where that is not plain FedAvg's 1, and
+        FedProx's mu where that is not LEGACY_MU."""
+        name = strategy
+        if strategy == "fedprox" and self.proximal_mu != LEGACY_MU:
+            name += f" mu {self.proximal_mu:g}"
+        if self.server_step != 1.0 and strategy in STEP_STRATEGIES:
+            name += f" step {'auto' if self.server_step == 0 else f'{self.server_step:g}'}"
+        return name
 
     def fed_config(self, strategy: str, seed: int, n_sites: int, out_dir: Path,
                    transport: str = "float32") -> FedConfig:
@@ -155,13 +164,13 @@ class Protocol:
         return FedConfig(num_server_rounds=self.epochs, local_epochs=1, strategy=strategy, server_step=step,
                          **FedConfig.model_fields(self.model), optimizer=self.optimizer, lr=self.lr,
                          weight_decay=self.weight_decay, class_weighting=self.class_weighting, seed=seed,
-                         val_frac=self.val_frac,
+                         proximal_mu=self.proximal_mu, val_frac=self.val_frac,
                          test_frac=self.test_frac, min_available_nodes=n_sites, min_train_nodes=n_sites,
                          min_evaluate_nodes=n_sites, transport=transport, out_dir=str(out_dir))
 
     def fingerprint(self) -> dict[str, Any]:
         """What must match for a stored result to count as this protocol's (the server step is in fed_name)."""
-        found = {k: v for k, v in dataclasses.asdict(self).items() if k != "server_step"}
+        found = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("server_step", "proximal_mu")}
         if found["model"]["input_norm"] == "none":  # added later: results stored before it still count
             del found["model"]["input_norm"]
         return found
@@ -622,6 +631,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--epochs", type=int, default=Protocol.epochs, help="total epochs of every training mode")
     ap.add_argument("--server-step", type=float, default=1.0,
                     help="FedAvg/FedProx server step (1: plain FedAvg; 0: auto, the effective number of sites)")
+    ap.add_argument("--proximal-mu", type=float, default=LEGACY_MU,
+                    help="FedProx's proximal weight mu; results under any other mu are named 'fedprox mu M'")
     ap.add_argument("--engine", choices=sorted(ENGINES), default="inline")
     ap.add_argument("--work", type=Path, help="cohorts, models and results (default: a new temporary directory)")
     ap.add_argument("--results", type=Path, help="JSON-lines results file (default: <work>/results.jsonl)")
@@ -650,7 +661,7 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     results = Results(args.results or work / "results.jsonl")
     print(f"work directory {work}; results {results.path}", flush=True)
-    proto = Protocol(epochs=args.epochs, server_step=args.server_step)
+    proto = Protocol(epochs=args.epochs, server_step=args.server_step, proximal_mu=args.proximal_mu)
 
     def cohorts_for(dataset: str, skew: str) -> list[Cohort]:
         if dataset == "synthetic":

@@ -86,6 +86,16 @@ def test_server_step_results_sit_beside_the_plain_ones(bench, tmp_path):
     assert cfg.server_step == 0.0 and auto.fed_config("fedadam", 0, 3, tmp_path).server_step == 1.0
 
 
+def test_proximal_mu_results_sit_beside_the_legacy_ones(bench, tmp_path):
+    """FedProx under another mu is its own column; stored plain 'fedprox' results keep meaning mu 0.01."""
+    plain, strong = bench.Protocol(), bench.Protocol(proximal_mu=1.0)
+    assert plain.fingerprint() == strong.fingerprint() and "proximal_mu" not in plain.fingerprint()
+    assert [strong.fed_name(s) for s in ("fedavg", "fedprox", "fedadam")] == ["fedavg", "fedprox mu 1", "fedadam"]
+    assert plain.fed_name("fedprox") == "fedprox" and plain.fed_config("fedprox", 0, 3, tmp_path).proximal_mu == 0.01
+    assert strong.fed_config("fedprox", 0, 3, tmp_path).proximal_mu == 1.0
+    assert bench.Protocol(proximal_mu=1.0, server_step=0.0).fed_name("fedprox") == "fedprox mu 1 step auto"
+
+
 def test_goal_lines_give_the_best_local_per_seed_and_the_best_site(bench):
     def row(model, seed, auc):
         return {"kind": "run", "dataset": "d", "skew": "size", "model": model, "seed": seed, "auc": auc}
