@@ -42,8 +42,9 @@ well as the weights and splits, so the spread over seeds includes the partition'
 ``--server-step S`` runs FedAvg/FedProx with that server step (``FedConfig.server_step``; 0: auto, the
 effective number of sites); their results are stored as ``fedavg step S`` beside the plain ones, and the
 other models' results are shared, so ``--strategies fedavg --server-step 0 --resume`` on an existing results
-file adds one column. ``--proximal-mu M`` does the same for FedProx's mu (results named ``fedprox mu M``; plain
-``fedprox`` is mu 0.01, ``LEGACY_MU``, the default every stored result was run under).
+file adds one column. ``--proximal-mu M`` does the same for FedProx's mu (default FedConfig's, 1; results are
+named ``fedprox mu M``, and plain ``fedprox`` is mu 0.01, ``LEGACY_MU``, the default the first results were run
+under: give ``--proximal-mu 0.01`` to print or extend those).
 
 Goals checked under the table: the better of FedAvg/FedProx (mean over seeds)
 ≥ pooled − 0.02 and ≥ best local. ``--overhead`` (first dataset and skew, first
@@ -140,9 +141,10 @@ class Protocol:
     # FedAvg/FedProx's server step (FedConfig.server_step; 0: auto). Not in the fingerprint: it changes only those
     # two strategies, whose results carry it in their model name instead (fed_name), so one results file holds both.
     server_step: float = 1.0
-    # FedProx's mu, likewise kept out of the fingerprint: a FedProx result run with any other mu than the one the
-    # first results were stored under (LEGACY_MU) is named for it ("fedprox mu 1"), so both sit in one file.
-    proximal_mu: float = LEGACY_MU
+    # FedProx's mu (FedConfig's default), likewise kept out of the fingerprint: a FedProx result run with any other
+    # mu than the one the first results were stored under (LEGACY_MU) is named for it ("fedprox mu 1"), so both sit
+    # in one file.
+    proximal_mu: float = FedConfig.proximal_mu
 
     def train_config(self, seed: int) -> TrainConfig:
         return TrainConfig(epochs=self.epochs, lr=self.lr, weight_decay=self.weight_decay, optimizer=self.optimizer,
@@ -631,8 +633,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--epochs", type=int, default=Protocol.epochs, help="total epochs of every training mode")
     ap.add_argument("--server-step", type=float, default=1.0,
                     help="FedAvg/FedProx server step (1: plain FedAvg; 0: auto, the effective number of sites)")
-    ap.add_argument("--proximal-mu", type=float, default=LEGACY_MU,
-                    help="FedProx's proximal weight mu; results under any other mu are named 'fedprox mu M'")
+    ap.add_argument("--proximal-mu", type=float, default=Protocol.proximal_mu,
+                    help=f"FedProx's proximal weight mu [%(default)s]; results under any other mu than {LEGACY_MU} "
+                         "(the stored results' mu) are named 'fedprox mu M'")
     ap.add_argument("--engine", choices=sorted(ENGINES), default="inline")
     ap.add_argument("--work", type=Path, help="cohorts, models and results (default: a new temporary directory)")
     ap.add_argument("--results", type=Path, help="JSON-lines results file (default: <work>/results.jsonl)")

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from wsi_fl.fedconfig import FedConfig
 from wsi_fl.fit import load_site_records
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,7 +76,7 @@ def test_wsi_scale_bags_are_valid_feature_files(bench, tmp_path):
 
 def test_server_step_results_sit_beside_the_plain_ones(bench, tmp_path):
     """One results file holds plain and stepped FedAvg: only those two strategies' names carry the step."""
-    plain, auto = bench.Protocol(), bench.Protocol(server_step=0.0)
+    plain, auto = bench.Protocol(proximal_mu=0.01), bench.Protocol(proximal_mu=0.01, server_step=0.0)
     assert plain.fingerprint() == auto.fingerprint()  # pooled, local and other strategies' results are shared
     assert "server_step" not in plain.fingerprint() and "input_norm" not in plain.fingerprint()["model"]
     assert [auto.fed_name(s) for s in ("fedavg", "fedprox", "fedadam")] == [
@@ -88,9 +89,10 @@ def test_server_step_results_sit_beside_the_plain_ones(bench, tmp_path):
 
 def test_proximal_mu_results_sit_beside_the_legacy_ones(bench, tmp_path):
     """FedProx under another mu is its own column; stored plain 'fedprox' results keep meaning mu 0.01."""
-    plain, strong = bench.Protocol(), bench.Protocol(proximal_mu=1.0)
+    plain, strong = bench.Protocol(proximal_mu=0.01), bench.Protocol(proximal_mu=1.0)
     assert plain.fingerprint() == strong.fingerprint() and "proximal_mu" not in plain.fingerprint()
     assert [strong.fed_name(s) for s in ("fedavg", "fedprox", "fedadam")] == ["fedavg", "fedprox mu 1", "fedadam"]
+    assert bench.Protocol().proximal_mu == FedConfig().proximal_mu == 1.0  # the benchmark runs the product's default
     assert plain.fed_name("fedprox") == "fedprox" and plain.fed_config("fedprox", 0, 3, tmp_path).proximal_mu == 0.01
     assert strong.fed_config("fedprox", 0, 3, tmp_path).proximal_mu == 1.0
     assert bench.Protocol(proximal_mu=1.0, server_step=0.0).fed_name("fedprox") == "fedprox mu 1 step auto"
