@@ -2,7 +2,7 @@
 
 Frozen, so a model's ``config`` cannot drift from the weights it was built
 for. Each field's ``metadata["help"]`` is picked up by the CLI
-(``wsi_fl.cliutil.add_dataclass_args``), so a new field is settable without
+(``wsi_fl.cli._args.add_dataclass_args``), so a new field is settable without
 touching the CLI.
 """
 

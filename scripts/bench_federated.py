@@ -6,7 +6,7 @@ weights, no early stopping (the last epoch's model is scored), every site
 split on its own into train/val/test = 0.60/0.15/0.25 by patient with the run's
 seed. Every training mode runs the same total epochs E (``--epochs``):
 
-* pooled: :func:`wsi_fl.fit.fit` on all sites' training bags, E epochs;
+* pooled: :func:`wsi_fl.mil.fit.fit` on all sites' training bags, E epochs;
 * local: the same on one site, E epochs, for every site; "best local" is, per
   seed, the highest of the sites' local AUCs (the strictest reading); the goal
   lines also give "best site", the site whose local model has the highest mean
@@ -17,7 +17,7 @@ seed. Every training mode runs the same total epochs E (``--epochs``):
   default, identical results to ``--engine simulation``); the last round's
   global model is scored.
 
-All models of a seed are scored with :func:`wsi_fl.compare.score_models` on the
+All models of a seed are scored with :func:`wsi_fl.evaluation.compare.score_models` on the
 same slides: the union of every site's held-out test split. The table shows the
 mean ± sample std (ddof 1) of that test AUC over seeds.
 
@@ -49,7 +49,7 @@ under: give ``--proximal-mu 0.01`` to print or extend those).
 Goals checked under the table: the better of FedAvg/FedProx (mean over seeds)
 ≥ pooled − 0.02 and ≥ best local. ``--overhead`` (first dataset and skew, first
 seed, FedAvg) times pooled ``fit`` against the real simulation engine
-(``wsi_fl.federate.simulate``, Ray start-up included) and the inline engine at
+(``wsi_fl.engines.simulation.simulate``, Ray start-up included) and the inline engine at
 the same epochs (goal: simulation ÷ pooled ≤ 1.5), and reports the bytes each
 site sent per round against the model's float32 size (4 × parameters; goal
 ≤ 1.05×) and a float16-transport run's bytes and test-AUC loss (goals ½ and ≤ 0.01).
@@ -104,13 +104,13 @@ import torch
 from models import MILConfig
 from models.checkpoint import load_checkpoint
 from preprocessing.h5format import REQUIRED_ATTRS, FeatureWriter
-from wsi_fl.compare import score_models
-from wsi_fl.data import TableBagDataset
-from wsi_fl.evaluate import EvalOptions
-from wsi_fl.fedconfig import STEP_STRATEGIES, FedConfig
-from wsi_fl.fedsite import discover_cohort
-from wsi_fl.fit import Site, fit
-from wsi_fl.training import TrainConfig
+from wsi_fl.evaluation.compare import score_models
+from wsi_fl.evaluation.evaluate import EvalOptions
+from wsi_fl.federation.config import STEP_STRATEGIES, FedConfig
+from wsi_fl.mil.data import TableBagDataset
+from wsi_fl.mil.fit import Site, fit
+from wsi_fl.mil.training import TrainConfig
+from wsi_fl.site.data import discover_cohort
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg")
 GOAL_STRATEGIES = ("fedavg", "fedprox")
@@ -336,15 +336,15 @@ def train_fit(sites: Sequence[Site], out: Path, proto: Protocol, seed: int) -> P
 
 
 def run_inline(cohort_root: Path, n_sites: int, cfg: FedConfig) -> None:
-    from wsi_fl.client_app import make_client_app
-    from wsi_fl.fedserver import run_server
-    from wsi_fl.inline_grid import InlineGrid
+    from wsi_fl.engines.inline import InlineGrid
+    from wsi_fl.server.loop import run_server
+    from wsi_fl.site.app import make_client_app
 
     run_server(InlineGrid(make_client_app(cohort_root), [{"partition-id": i} for i in range(n_sites)]), cfg)
 
 
 def run_simulation(cohort_root: Path, n_sites: int, cfg: FedConfig) -> None:
-    from wsi_fl.federate import simulate
+    from wsi_fl.engines.simulation import simulate
 
     logger = logging.getLogger("wsi_fl")
     level = logger.level

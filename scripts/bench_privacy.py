@@ -6,9 +6,9 @@ scoring on the union of the sites' held-out slides). Each seed runs FedAvg
 ``--epochs`` rounds of one local epoch without DP, then with central DP
 (``--mode``, default client-side fixed clipping at ``--clip``) calibrated to
 each target ε over those rounds. With central modes the privacy unit is a site
-(client-level DP, :mod:`wsi_fl.privacy`); with ``--mode slide-dpsgd`` it is a
+(client-level DP, :mod:`wsi_fl.privacy.central`); with ``--mode slide-dpsgd`` it is a
 training slide, each site running DP-SGD with per-bag clipping at ``--clip`` and
-``--batch-size`` expected bags per step (:mod:`wsi_fl.dpsgd`). Prints mean ± std
+``--batch-size`` expected bags per step (:mod:`wsi_fl.privacy.dpsgd`). Prints mean ± std
 of the test AUC over seeds, the drop from no DP, and the ε reported after the
 last round.
 
@@ -54,7 +54,7 @@ from bench_federated import (
 
 from models import MILConfig
 from models.config import INPUT_NORMS
-from wsi_fl.fedconfig import FedConfig
+from wsi_fl.federation.config import FedConfig
 
 GOAL_DROP = 0.05  # at epsilon 8
 

@@ -26,9 +26,9 @@ import numpy as np
 
 from preprocessing.pipeline import PreprocessConfig, discover_slides, run_preprocess
 from preprocessing.synth import generate_cohort
-from wsi_fl.data import FeatureBagDataset, read_labels
-from wsi_fl.fit import Site, fit
-from wsi_fl.training import TrainConfig, predict
+from wsi_fl.mil.data import FeatureBagDataset, read_labels
+from wsi_fl.mil.fit import Site, fit
+from wsi_fl.mil.training import TrainConfig, predict
 
 TOP = 10
 

@@ -2,7 +2,7 @@
 
 (a) raw: forward + loss + backward + optimiser step of the default gated-attention
     model on an in-memory (1, N, 1024) tensor, N = 10,000 (bags/s).
-(b) train: :func:`wsi_fl.training.train_model` over real HDF5 feature files of
+(b) train: :func:`wsi_fl.mil.training.train_model` over real HDF5 feature files of
     10,000 × 1024 (written with the project's FeatureWriter), several epochs,
     loading included (bags/s). Goal: b/a ≥ 0.8.
 (c) a single 100,000 × 1024 bag trained for one epoch in a fresh process: peak RSS.
@@ -26,8 +26,8 @@ import torch
 
 from models import MILConfig, create_model
 from preprocessing.h5format import REQUIRED_ATTRS, FeatureWriter
-from wsi_fl.data import BagRecord, FeatureBagDataset
-from wsi_fl.training import TrainConfig, train_model
+from wsi_fl.mil.data import BagRecord, FeatureBagDataset
+from wsi_fl.mil.training import TrainConfig, train_model
 
 DIM = 1024
 

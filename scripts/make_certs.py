@@ -1,4 +1,4 @@
-"""Write TLS certificates and SuperNode authentication keys for a Flower federation (:mod:`wsi_fl.tlscerts`).
+"""Write TLS certificates and SuperNode authentication keys for a Flower federation (:mod:`wsi_fl.deploy.certs`).
 
 ::
 
@@ -36,7 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--days", type=int, default=365, help="validity of the certificates in days [%(default)s]")
     ap.add_argument("--overwrite", action="store_true", help="replace the files in an existing --out")
     args = ap.parse_args(argv)
-    from wsi_fl.tlscerts import check_key_names, parse_hosts, write_supernode_keys, write_tls_certificates
+    from wsi_fl.deploy.certs import check_key_names, parse_hosts, write_supernode_keys, write_tls_certificates
 
     try:
         parse_hosts(args.hosts)  # every input is checked before anything is written

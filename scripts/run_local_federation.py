@@ -1,6 +1,6 @@
 """Run the app as a real Flower deployment on this machine: one SuperLink, one SuperNode per site, ``flwr run``.
 
-The simulation engine (:mod:`wsi_fl.federate`) runs every ClientApp inside one
+The simulation engine (:mod:`wsi_fl.engines.simulation`) runs every ClientApp inside one
 process it controls. A hospital deployment does not: the SuperLink, each
 site's SuperNode, and the ServerApp and ClientApps they launch are separate
 processes that talk over the network, the app arrives as a FAB built from
@@ -14,7 +14,7 @@ breaks here first, and a test can check it::
 
 Every process gets a run-local ``FLWR_HOME`` (with the ``config.toml`` that
 ``flwr`` reads its SuperLink connection from) and Flower's offline settings
-(:data:`wsi_fl.federate.OFFLINE_ENV`); ports are free loopback ports, so runs
+(:data:`wsi_fl.engines.simulation.OFFLINE_ENV`); ports are free loopback ports, so runs
 can go in parallel. ``flwr run --stream`` exits 0 even when the run failed,
 so the verdict comes from ``flwr list --format json``. Every process started
 here is stopped again (terminate, wait, kill), also on errors, Ctrl-C and
@@ -26,7 +26,7 @@ run must still complete.
 
 **TLS and SuperNode authentication are on by default**, as across a hospital
 network. A CA and a server certificate for ``localhost``/``127.0.0.1`` are
-written to ``WORKDIR/tls`` (:mod:`wsi_fl.tlscerts`; ``scripts/make_certs.py``
+written to ``WORKDIR/tls`` (:mod:`wsi_fl.deploy.certs`; ``scripts/make_certs.py``
 writes the same for real hosts): the SuperLink serves HTTPS with
 ``--ssl-ca-certfile/--ssl-certfile/--ssl-keyfile``, SuperNodes verify it with
 ``--root-certificates``, and ``flwr`` with ``root-certificates`` in its
@@ -65,7 +65,7 @@ from typing import TYPE_CHECKING, Any
 import tomli_w
 
 if TYPE_CHECKING:
-    from wsi_fl.tlscerts import NodeKeyPair
+    from wsi_fl.deploy.certs import NodeKeyPair
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -95,7 +95,7 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
     process (five processes or more share the cores), and this interpreter's bin directory first on ``PATH``:
     the SuperLink and SuperNodes start ``flower-superexec`` and the app processes by name.
     """
-    from wsi_fl.federate import OFFLINE_ENV  # here and below: wsi_fl and flwr load in seconds, --help at once
+    from wsi_fl.engines.simulation import OFFLINE_ENV  # here and below: wsi_fl and flwr load in seconds, --help at once
 
     env = {**os.environ, **OFFLINE_ENV, "FLWR_HOME": str(flwr_home), "PYTHONUNBUFFERED": "1"}
     env.setdefault("OMP_NUM_THREADS", "1")
@@ -127,7 +127,7 @@ def toml_string(value: str) -> str:
 
 
 def node_config(features: Path, labels: Path, site_name: str, **extra: str) -> str:
-    """A SuperNode's ``--node-config``: where its site's data is (:func:`wsi_fl.fedsite.site_from_node_config`).
+    """A SuperNode's ``--node-config``: where its site's data is (:func:`wsi_fl.site.data.site_from_node_config`).
 
     ``extra``: more string keys (``superlink``, ``policy``, ``audit_log`` for ``audit-log``).
     """
@@ -139,12 +139,12 @@ def node_config(features: Path, labels: Path, site_name: str, **extra: str) -> s
 def site_policy(policy: str | Path | None, superlink: str, work: Path) -> Path:
     """The policy file every SuperNode gets; ValueError (one line) if it does not allow ``superlink``.
 
-    Without ``policy`` it is the rehearsal policy (:func:`wsi_fl.sitepolicy.rehearsal_policy`: synthetic sites of
+    Without ``policy`` it is the rehearsal policy (:func:`wsi_fl.site.policy.rehearsal_policy`: synthetic sites of
     a few slides, evaluation reported) restricted to this SuperLink, written to ``work/site-policy.toml``.
     """
     from dataclasses import replace
 
-    from wsi_fl.sitepolicy import load_policy, rehearsal_policy
+    from wsi_fl.site.policy import load_policy, rehearsal_policy
 
     if policy is None:
         path = work / "site-policy.toml"
@@ -162,12 +162,12 @@ def build_run_config(rounds: int, out: Path, seed: int, n_sites: int, extra: str
     """The run config overrides: ours, and ``min-available-nodes`` = all sites unless ``extra`` sets it.
 
     ``extra`` is parsed as ``flwr run --run-config`` parses it (``"key=value ..."`` or a ``.toml`` file) and
-    checked with :class:`~wsi_fl.fedconfig.FedConfig`, so a typo fails before any process starts.
+    checked with :class:`~wsi_fl.federation.config.FedConfig`, so a typo fails before any process starts.
     """
     import click
     from flwr.common.config import parse_config_args
 
-    from wsi_fl.fedconfig import FedConfig
+    from wsi_fl.federation.config import FedConfig
 
     try:
         passed = parse_config_args([extra]) if extra else {}
@@ -240,7 +240,7 @@ class Processes:
         proc = self.started[name]
         self.killed.add(name)
         if name in self.containers:
-            from wsi_fl.containers import kill
+            from wsi_fl.deploy.containers import kill
 
             kill(self.engine, self.containers[name])
         with contextlib.suppress(ProcessLookupError):
@@ -258,7 +258,7 @@ class Processes:
         procs = list(reversed(self.started.values()))
         below = {pid for proc in procs if proc.poll() is None for pid in descendants(proc.pid)}
         if self.containers:
-            from wsi_fl.containers import remove
+            from wsi_fl.deploy.containers import remove
 
             for name in reversed(self.containers):
                 remove(self.engine, self.containers[name], grace=int(grace))
@@ -474,7 +474,7 @@ def run_local_federation(cohort: str | Path, out: str | Path, rounds: int, *, se
     ``site_image`` / ``server_image`` run the SuperNodes / the SuperLink in those images (the Dockerfile's
     ``site`` and ``server`` targets) instead of this environment, with ``podman`` (or
     ``$WSI_FL_CONTAINER_ENGINE``) on the host network; each container sees only its own files
-    (:mod:`wsi_fl.containers`): a site its features, labels, policy, CA certificate and private key read-only
+    (:mod:`wsi_fl.deploy.containers`): a site its features, labels, policy, CA certificate and private key read-only
     and its audit-log directory writable; the SuperLink its certificate files and ``out``.
 
     Returns ``ok`` (the run finished completed, ``out/metrics.jsonl`` has ``rounds`` rounds, and an
@@ -487,7 +487,7 @@ def run_local_federation(cohort: str | Path, out: str | Path, rounds: int, *, se
     (None, or ``site``, ``refused``, ``exit_code`` and ``reason``: the log lines that show the refusal). Raises
     :class:`LocalFederationError` when a process dies, ``flwr run`` fails or the timeout passes.
     """
-    from wsi_fl.fedsite import discover_cohort
+    from wsi_fl.site.data import discover_cohort
 
     sites = discover_cohort(cohort)
     if kill_site is not None and kill_site not in {s.name for s in sites}:
@@ -521,7 +521,7 @@ def run_local_federation(cohort: str | Path, out: str | Path, rounds: int, *, se
         write_flwr_config(flwr_home, link_port)
         print(INSECURE_WARNING, file=sys.stderr)
     else:
-        from wsi_fl.tlscerts import write_supernode_keys, write_tls_certificates
+        from wsi_fl.deploy.certs import write_supernode_keys, write_tls_certificates
 
         tls = write_tls_certificates(work / "tls", ["localhost", HOST], overwrite=True)
         write_flwr_config(flwr_home, link_port, tls.ca_cert)
@@ -539,7 +539,7 @@ def run_local_federation(cohort: str | Path, out: str | Path, rounds: int, *, se
         link_files = [tls.ca_cert, tls.server_cert, tls.server_key]
         node_files = {name: [tls.ca_cert, private[name]] for name in supernodes}
         private_keys = [tls.server_key, *private.values()]
-    from wsi_fl import containers
+    from wsi_fl.deploy import containers
 
     engine = containers.container_engine() if site_image or server_image else "podman"
     procs = Processes(logs, flower_env(flwr_home), engine)

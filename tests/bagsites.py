@@ -1,6 +1,6 @@
 """Small real HDF5 bag sites for training tests: ``<root>/<site>/features/*.h5`` and ``<root>/<site>/labels.csv``.
 
-That is also the cohort layout :func:`wsi_fl.fedsite.discover_cohort` reads, so
+That is also the cohort layout :func:`wsi_fl.site.data.discover_cohort` reads, so
 the same sites serve local, pooled and federated tests.
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from preprocessing.h5format import REQUIRED_ATTRS, FeatureWriter
-from wsi_fl.fit import Site
+from wsi_fl.mil.fit import Site
 
 DIM = 16
 
@@ -54,8 +54,8 @@ def make_cohort(root: Path, sizes: tuple[int, ...] = (10, 12, 14), seed: int = 0
 
 def grid_for(cohort: Path, faults=None):
     """An in-process federation of the cohort's first three sites (simulation partitions 0-2)."""
-    from wsi_fl.client_app import make_client_app
-    from wsi_fl.inline_grid import InlineGrid
+    from wsi_fl.engines.inline import InlineGrid
+    from wsi_fl.site.app import make_client_app
 
     return InlineGrid(make_client_app(cohort), [{"partition-id": i} for i in range(3)], faults=faults)
 

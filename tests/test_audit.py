@@ -23,11 +23,11 @@ from bagsites import DIM, make_site
 from flwr.app import Message, MessageType, RecordDict
 
 from models import create_model
-from wsi_fl import audit
-from wsi_fl.client_app import make_client_app
-from wsi_fl.fedconfig import FedConfig
-from wsi_fl.fedserver import client_config, run_server
-from wsi_fl.inline_grid import InlineGrid
+from wsi_fl.engines.inline import InlineGrid
+from wsi_fl.federation.config import FedConfig
+from wsi_fl.server.loop import client_config, run_server
+from wsi_fl.site import audit
+from wsi_fl.site.app import make_client_app
 
 SITES = ("hospital_alpha", "hospital_beta", "hospital_gamma")
 BINS = 20
@@ -212,7 +212,7 @@ def test_default_audit_log_is_next_to_the_data_and_falls_back(fed, tmp_path, cap
     assert [x["event"] for x in audit_lines(written)] == ["received", "sent"]
     written.unlink()
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
-    with caplog.at_level(logging.WARNING, logger="wsi_fl.audit"):
+    with caplog.at_level(logging.WARNING, logger="wsi_fl.site.audit"):
         fallback = audit.default_audit_path(None, "site_x")
     assert fallback == tmp_path / "state" / "wsi-fl" / "audit-site_x.jsonl"
     assert any("cannot be written" in r.getMessage() for r in caplog.records)

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from wsi_fl.fedconfig import FedConfig
-from wsi_fl.fit import load_site_records
+from wsi_fl.federation.config import FedConfig
+from wsi_fl.mil.fit import load_site_records
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -23,7 +23,7 @@ from scriptload import load_script
 
 from models.checkpoint import load_checkpoint
 from preprocessing.h5format import check_feature_file, read_features
-from wsi_fl.containers import IMAGE_UID, Mount, grant, run_argv
+from wsi_fl.deploy.containers import IMAGE_UID, Mount, grant, run_argv
 
 pytestmark = [pytest.mark.slow, pytest.mark.container]
 

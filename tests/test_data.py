@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from preprocessing.h5format import REQUIRED_ATTRS, FeatureWriter
-from wsi_fl.data import (
+from wsi_fl.mil.data import (
     PROVENANCE_KEYS,
     Bag,
     BagDataError,

@@ -16,7 +16,7 @@ import yaml
 from flwr.common.config import parse_config_args
 from scriptload import load_script
 
-from wsi_fl.sitepolicy import load_policy
+from wsi_fl.site.policy import load_policy
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker" / "compose.yaml"
@@ -59,7 +59,7 @@ def test_compose_federation_matches_the_images_certificates_and_node_config():
     assert "superlink:8000" in services["register"]["command"][0]
     registered = re.findall(r"for site in ([\w ]+); do", services["register"]["command"][0])[0].split()
     assert registered == list(SITES)
-    tls_files = {"ca.crt", "server.pem", "server.key"}  # what wsi_fl.tlscerts writes (and make_certs.py)
+    tls_files = {"ca.crt", "server.pem", "server.key"}  # what wsi_fl.deploy.certs writes (and make_certs.py)
     link_mounts = {v.split(":")[0] for v in services["superlink"]["volumes"] if v.startswith("./certs/")}
     assert link_mounts == {f"./certs/{name}" for name in tls_files}
     policy = load_policy(COMPOSE.parent / "demo-policy.toml")

@@ -12,14 +12,16 @@ from flwr.app import Context, Message, MessageType, RecordDict
 
 from models import MILConfig, create_model
 from models.checkpoint import load_checkpoint
-from wsi_fl import dpsgd, fedarrays, privacy
-from wsi_fl.client_app import make_client_app
-from wsi_fl.data import Bag
-from wsi_fl.fedconfig import FedConfig
-from wsi_fl.fedserver import FederationError, client_config, run_server
-from wsi_fl.inline_grid import InlineGrid
-from wsi_fl.siteguard import SiteError
-from wsi_fl.training import BagCrossEntropy
+from wsi_fl.engines.inline import InlineGrid
+from wsi_fl.federation import arrays as fedarrays
+from wsi_fl.federation.config import FedConfig
+from wsi_fl.mil.data import Bag
+from wsi_fl.mil.training import BagCrossEntropy
+from wsi_fl.privacy import central as privacy
+from wsi_fl.privacy import dpsgd
+from wsi_fl.server.loop import FederationError, client_config, run_server
+from wsi_fl.site.app import make_client_app
+from wsi_fl.site.guard import SiteError
 
 SMALL = {"hidden_dim": 32, "attn_dim": 16, "lr": 2e-3, "test_frac": 0.3, "val_frac": 0.2, "min_available_nodes": 3,
          "min_train_nodes": 2, "num_server_rounds": 3, "dp": "slide-dpsgd", "dp_batch_size": 2}

@@ -1,6 +1,6 @@
 """Federated training: the real ClientApp and ServerApp on small real HDF5 sites.
 
-Most tests deliver messages with the in-process grid of :mod:`wsi_fl.inline_grid` (fast);
+Most tests deliver messages with the in-process grid of :mod:`wsi_fl.engines.inline` (fast);
 ``test_simulation_engine_end_to_end`` runs Flower's simulation engine and
 ``tests/test_deployment.py`` the deployment engine.
 """
@@ -25,15 +25,15 @@ import wsi_fl
 from models import MILConfig
 from models.checkpoint import load_checkpoint
 from models.config import INPUT_NORMS
-from wsi_fl import fedarrays
 from wsi_fl.cli import main
-from wsi_fl.client_app import CLIENT_KEYS, make_client_app
-from wsi_fl.fedauc import histogram_auc, score_histograms
-from wsi_fl.fedconfig import MODEL_FIELDS, FedConfig, InputNorm
-from wsi_fl.fedserver import FederationError, client_config, run_server
-from wsi_fl.fedsite import discover_cohort, load_site
-from wsi_fl.inline_grid import InlineGrid
-from wsi_fl.strategies import list_strategies
+from wsi_fl.engines.inline import InlineGrid
+from wsi_fl.federation import arrays as fedarrays
+from wsi_fl.federation.config import MODEL_FIELDS, FedConfig, InputNorm
+from wsi_fl.federation.histograms import histogram_auc, score_histograms
+from wsi_fl.server.loop import FederationError, client_config, run_server
+from wsi_fl.server.strategies import list_strategies
+from wsi_fl.site.app import CLIENT_KEYS, make_client_app
+from wsi_fl.site.data import discover_cohort, load_site
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = {"hidden_dim": 32, "attn_dim": 16, "lr": 2e-3, "test_frac": 0.3, "val_frac": 0.2, "min_available_nodes": 3}
@@ -373,10 +373,10 @@ def test_simulation_engine_end_to_end(cohort, tmp_path, capsys):
 
 def test_comparison_scores_every_model_on_the_same_held_out_slides(cohort, tmp_path):
     from models import MILConfig
-    from wsi_fl.compare import format_table, held_out_records, plot_comparison, score_models
-    from wsi_fl.evaluate import EvalOptions
-    from wsi_fl.fit import fit
-    from wsi_fl.training import TrainConfig
+    from wsi_fl.evaluation.compare import format_table, held_out_records, plot_comparison, score_models
+    from wsi_fl.evaluation.evaluate import EvalOptions
+    from wsi_fl.mil.fit import fit
+    from wsi_fl.mil.training import TrainConfig
 
     sites = discover_cohort(cohort)
     train = TrainConfig(epochs=4, lr=2e-3, early_stopping="none")

@@ -9,8 +9,8 @@ import pytest
 from bagsites import make_site
 
 from wsi_fl.cli import main
-from wsi_fl.fit import fit
-from wsi_fl.training import TrainConfig
+from wsi_fl.mil.fit import fit
+from wsi_fl.mil.training import TrainConfig
 
 FAST = TrainConfig(epochs=15, lr=1e-3, patience=15, seed=0)
 

@@ -11,7 +11,7 @@ from matplotlib import colormaps
 from PIL import Image
 
 from preprocessing.slide import open_slide
-from wsi_fl.heatmap import (
+from wsi_fl.evaluation.heatmap import (
     TOP_CLASS_NAME,
     attention_geojson,
     attention_heatmap,

@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 from sklearn.metrics import balanced_accuracy_score, brier_score_loss, recall_score, roc_auc_score
 
-from wsi_fl.metrics import bootstrap_ci, classification_metrics
-from wsi_fl.plots import plot_calibration, plot_roc
+from wsi_fl.evaluation.metrics import bootstrap_ci, classification_metrics
+from wsi_fl.evaluation.plots import plot_calibration, plot_roc
 
 # Four negatives and four positives; of the 16 (positive, negative) pairs, 11 are ordered correctly.
 Y = np.array([0, 0, 0, 0, 1, 1, 1, 1])

@@ -11,12 +11,12 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.serverapp.strategy import FedAvg
 
 from models.checkpoint import load_checkpoint
-from wsi_fl import fedarrays
-from wsi_fl.client_app import make_client_app
-from wsi_fl.fedconfig import FedConfig
-from wsi_fl.fedserver import FederationError, run_server
-from wsi_fl.inline_grid import InlineGrid
-from wsi_fl.privacy import KEY_DP_WEIGHT, PrivacyPlan, calibrate_noise, epsilon_after, wrap_strategy
+from wsi_fl.engines.inline import InlineGrid
+from wsi_fl.federation import arrays as fedarrays
+from wsi_fl.federation.config import FedConfig
+from wsi_fl.privacy.central import KEY_DP_WEIGHT, PrivacyPlan, calibrate_noise, epsilon_after, wrap_strategy
+from wsi_fl.server.loop import FederationError, run_server
+from wsi_fl.site.app import make_client_app
 
 SMALL = {"hidden_dim": 32, "attn_dim": 16, "lr": 2e-3, "test_frac": 0.3, "val_frac": 0.2, "min_available_nodes": 3,
          "min_train_nodes": 2, "num_server_rounds": 3}

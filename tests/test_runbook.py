@@ -43,16 +43,16 @@ from flwr.app import Message, MessageType, RecordDict
 
 from models import create_model
 from preprocessing.h5format import FeatureWriter, check_feature_file
-from wsi_fl import fedarrays
 from wsi_fl.cli import main
-from wsi_fl.client_app import make_client_app
-from wsi_fl.data import read_labels
-from wsi_fl.fedconfig import FedConfig
-from wsi_fl.federate import OFFLINE_ENV
-from wsi_fl.fedserver import client_config
-from wsi_fl.fit import fit
-from wsi_fl.inline_grid import InlineGrid
-from wsi_fl.training import TrainConfig
+from wsi_fl.engines.inline import InlineGrid
+from wsi_fl.engines.simulation import OFFLINE_ENV
+from wsi_fl.federation import arrays as fedarrays
+from wsi_fl.federation.config import FedConfig
+from wsi_fl.mil.data import read_labels
+from wsi_fl.mil.fit import fit
+from wsi_fl.mil.training import TrainConfig
+from wsi_fl.server.loop import client_config
+from wsi_fl.site.app import make_client_app
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "hospital-runbook.md"

@@ -1,4 +1,4 @@
-"""SecAgg+ on the FedAvg path (wsi_fl.secagg): the real ClientApp and SecAggPlusWorkflow on small real HDF5 sites.
+"""SecAgg+ on the FedAvg path (wsi_fl.server.secagg): the real ClientApp and SecAggPlusWorkflow on small HDF5 sites.
 
 The updates each site computed are kept by the site's own train handler (before Flower's ``secaggplus_mod`` masks
 them), so the secure mean can be checked against FedAvg of exactly those updates, and what the server received
@@ -22,19 +22,19 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 
 from models import create_model
 from models.checkpoint import load_checkpoint
-from wsi_fl import fedarrays
 from wsi_fl.cli import main
-from wsi_fl.client_app import evaluate, make_client_app, query, train
-from wsi_fl.fedconfig import FedConfig
-from wsi_fl.fedserver import run_server
-from wsi_fl.inline_grid import InlineGrid
-from wsi_fl.secagg import (
+from wsi_fl.engines.inline import InlineGrid
+from wsi_fl.federation import arrays as fedarrays
+from wsi_fl.federation.config import FedConfig
+from wsi_fl.server.loop import run_server
+from wsi_fl.server.secagg import (
     check_secagg_config,
     max_weight_for,
     quantisation_bound,
     run_secagg_server,
 )
-from wsi_fl.secagg_site import secagg_mod
+from wsi_fl.site.app import evaluate, make_client_app, query, train
+from wsi_fl.site.secagg import secagg_mod
 
 SMALL = {"hidden_dim": 32, "attn_dim": 16, "lr": 2e-3, "test_frac": 0.3, "val_frac": 0.2, "min_available_nodes": 3}
 U32 = float(np.finfo(np.float32).eps) / 2  # float32 unit roundoff: checkpoints hold float32 weights

@@ -1,7 +1,7 @@
 """A site's policy: the file format, every rule refusing an instruction outside it, and the real ClientApp obeying.
 
 Instructions are real Flower messages delivered to the real ClientApp by the
-in-process grid (:mod:`wsi_fl.inline_grid`); a refusal is the error reply the
+in-process grid (:mod:`wsi_fl.engines.inline`); a refusal is the error reply the
 server would log, and a whole federation goes on without a site that refuses.
 """
 
@@ -19,12 +19,14 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from scriptload import load_script
 
 from models import create_model, list_models
-from wsi_fl import fedarrays, siteguard
-from wsi_fl.client_app import make_client_app
-from wsi_fl.fedconfig import FedConfig
-from wsi_fl.fedserver import client_config, run_server
-from wsi_fl.inline_grid import InlineGrid
-from wsi_fl.sitepolicy import (
+from wsi_fl.engines.inline import InlineGrid
+from wsi_fl.federation import arrays as fedarrays
+from wsi_fl.federation.config import FedConfig
+from wsi_fl.server.loop import client_config, run_server
+from wsi_fl.server.strategies import list_strategies
+from wsi_fl.site import guard as siteguard
+from wsi_fl.site.app import make_client_app
+from wsi_fl.site.policy import (
     PolicyError,
     PolicyViolation,
     SiteFacts,
@@ -34,7 +36,6 @@ from wsi_fl.sitepolicy import (
     rehearsal_policy,
     suppress_small_splits,
 )
-from wsi_fl.strategies import list_strategies
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = {"hidden_dim": 32, "attn_dim": 16, "lr": 2e-3, "test_frac": 0.3, "val_frac": 0.2, "auc_bins": 20}

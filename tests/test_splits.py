@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from wsi_fl.data import BagRecord, TableBagDataset
-from wsi_fl.splits import (
+from wsi_fl.mil.data import BagRecord, TableBagDataset
+from wsi_fl.mil.splits import (
     assert_patient_disjoint,
     patient_kfold,
     splits_from_column,

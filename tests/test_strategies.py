@@ -7,10 +7,10 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
-from wsi_fl.client_app import make_client_app
-from wsi_fl.fedconfig import FedConfig
-from wsi_fl.inline_grid import InlineGrid
-from wsi_fl.strategies import create_strategy, effective_sites
+from wsi_fl.engines.inline import InlineGrid
+from wsi_fl.federation.config import FedConfig
+from wsi_fl.server.strategies import create_strategy, effective_sites
+from wsi_fl.site.app import make_client_app
 
 WEIGHTS = (10, 20, 40)
 

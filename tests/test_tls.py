@@ -1,4 +1,4 @@
-"""TLS certificates and SuperNode keys (:mod:`wsi_fl.tlscerts`), and a deployment with TLS and authentication on.
+"""TLS certificates and SuperNode keys (:mod:`wsi_fl.deploy.certs`), and a deployment with TLS and authentication on.
 
 The slow test runs ``scripts/run_local_federation.py`` as a hospital federation would run: HTTPS everywhere,
 only registered SuperNodes admitted. One extra SuperNode with an unregistered key must be refused while the
@@ -31,8 +31,8 @@ from cryptography.x509.verification import PolicyBuilder, Store
 from scriptload import load_script
 from test_deployment import _left_running
 
-from wsi_fl import tlscerts
-from wsi_fl.tlscerts import write_supernode_keys, write_tls_certificates
+from wsi_fl.deploy import certs as tlscerts
+from wsi_fl.deploy.certs import write_supernode_keys, write_tls_certificates
 
 ROOT = Path(__file__).resolve().parent.parent
 

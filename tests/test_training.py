@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from models import MILConfig, create_model
-from wsi_fl.data import Bag, TableBagDataset
-from wsi_fl.training import (
+from wsi_fl.mil.data import Bag, TableBagDataset
+from wsi_fl.mil.training import (
     TrainConfig,
     auc_score,
     class_weights,
@@ -82,7 +82,7 @@ def test_set_epoch_reaches_datasets_inside_pools_and_subsets():
 
 def test_class_weights_count_at_one_bag_per_step():
     """A single bag's loss is w_y * NLL (plain CrossEntropyLoss(weight) would divide the weight out again)."""
-    from wsi_fl.training import BagCrossEntropy
+    from wsi_fl.mil.training import BagCrossEntropy
 
     weight = torch.tensor([0.5, 3.0])
     criterion = BagCrossEntropy(weight=weight)

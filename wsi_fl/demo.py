@@ -23,13 +23,12 @@ from preprocessing.atomic import write_csv_atomic
 from preprocessing.encoders import create_encoder
 from preprocessing.pipeline import PreprocessConfig, discover_slides, run_preprocess
 from preprocessing.synth import generate_cohort
-
-from .compare import Scored, plot_comparison, score_models
-from .evaluate import EvalOptions
-from .fedconfig import FedConfig
-from .federate import simulate
-from .fit import FitResult, Site, fit
-from .training import TrainConfig
+from wsi_fl.engines.simulation import simulate
+from wsi_fl.evaluation.compare import Scored, plot_comparison, score_models
+from wsi_fl.evaluation.evaluate import EvalOptions
+from wsi_fl.federation.config import FedConfig
+from wsi_fl.mil.fit import FitResult, Site, fit
+from wsi_fl.mil.training import TrainConfig
 
 EPOCHS = 25  # every model of the comparison: 25 epochs (federated: 25 rounds of 1 local epoch)
 # One learning rate for all: averaging three sites' updates makes about a third of pooled training's progress

@@ -1,0 +1,134 @@
+"""Evaluate a trained checkpoint on a feature directory: metrics, report files, attention maps.
+
+The checkpoint's feature provenance (encoder, weights, resolution, tile size)
+is checked against the feature files before anything runs, so a model is never
+silently applied to another feature space.
+
+Written to ``out_dir``: ``predictions.csv``, ``metrics.json``, ``roc.png``,
+``calibration.png`` and, when slides are given, ``heatmaps/<slide>.png`` with
+``heatmaps/<slide>.geojson`` (tile-level attention that QuPath imports).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from models.checkpoint import load_checkpoint
+from preprocessing.atomic import write_text_atomic
+from preprocessing.h5format import COORDS
+from wsi_fl.evaluation.metrics import classification_metrics
+from wsi_fl.mil.data import BagRecord, FeatureBagDataset, read_labels
+from wsi_fl.mil.training import Predictions, predict
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    threshold: float = 0.5  # on P(last class) for binary outcomes
+    n_bootstrap: int = 1000
+    seed: int = 0
+    heatmap_slides: tuple[str, ...] = ()  # slide ids to draw attention maps for
+    heatmap_top_k: int = 0  # also draw the k slides with the highest predicted P(positive)
+    top_tiles: int = 10  # tiles classified "High attention" in the GeoJSON
+
+
+def write_predictions(path: Path, preds: Predictions, records: Sequence[BagRecord], classes: Sequence[str]) -> None:
+    by_id = {r.slide_id: r for r in records}
+    rows = ["slide_id,patient_id,label,predicted," + ",".join(f"prob_{c}" for c in classes)]
+    for slide_id, target, prob in zip(preds.slide_ids, preds.targets, preds.probs, strict=True):
+        rec = by_id[slide_id]
+        probs = ",".join(f"{p:.6f}" for p in prob)
+        rows.append(f"{slide_id},{rec.patient_id},{classes[target]},{classes[int(prob.argmax())]},{probs}")
+    write_text_atomic(path, "\n".join(rows) + "\n")
+
+
+def write_report(out_dir: Path, preds: Predictions, records: Sequence[BagRecord], classes: Sequence[str],
+                 opts: EvalOptions = EvalOptions(), title: str = "") -> dict:
+    """predictions.csv, metrics.json, roc.png, calibration.png; returns the metrics."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics = classification_metrics(preds.targets, preds.probs, classes=classes, threshold=opts.threshold,
+                                      n_bootstrap=opts.n_bootstrap, seed=opts.seed)
+    write_predictions(out_dir / "predictions.csv", preds, records, classes)
+    write_text_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    from wsi_fl.evaluation.plots import plot_calibration, plot_roc  # matplotlib: imported only when a report is drawn
+
+    plot_roc(preds.targets, preds.probs, out_dir / "roc.png", classes=classes, title=title)
+    plot_calibration(preds.targets, preds.probs, out_dir / "calibration.png", title=title)
+    return metrics
+
+
+def find_slide(slide_dirs: Sequence[Path], file_name: str) -> Path | None:
+    """The slide file called ``file_name`` under any of ``slide_dirs`` (searched recursively)."""
+    for d in slide_dirs:
+        direct = Path(d) / file_name
+        if direct.is_file():
+            return direct
+        found = next(Path(d).rglob(file_name), None)
+        if found is not None:
+            return found
+    return None
+
+
+def heatmap_targets(preds: Predictions, opts: EvalOptions) -> list[int]:
+    """Indices of the slides to draw: the chosen ids, then the top-k by P(last class)."""
+    index = {s: i for i, s in enumerate(preds.slide_ids)}
+    unknown = [s for s in opts.heatmap_slides if s not in index]
+    if unknown:
+        raise ValueError(f"--heatmap-slides: not in the evaluation set: {', '.join(unknown)}")
+    chosen = [index[s] for s in opts.heatmap_slides]
+    if opts.heatmap_top_k:
+        order = np.argsort(-preds.probs[:, -1], kind="stable")
+        chosen += [int(i) for i in order[: opts.heatmap_top_k] if int(i) not in chosen]
+    return chosen
+
+
+def write_heatmaps(out_dir: Path, preds: Predictions, feature_paths: Mapping[str, Path], slide_dirs: Sequence[Path],
+                   opts: EvalOptions, log=print) -> list[Path]:
+    """Attention PNG (over the slide thumbnail) and QuPath GeoJSON for each slide chosen by ``opts``."""
+    from wsi_fl.evaluation.heatmap import (  # OpenSlide, matplotlib: on use
+        attention_geojson,
+        attention_heatmap,
+        write_geojson,
+    )
+
+    written: list[Path] = []
+    for i in heatmap_targets(preds, opts):
+        slide_id, attention = preds.slide_ids[i], preds.attention[i]
+        if attention is None:
+            log(f"no heatmap for {slide_id}: this model has no attention scores")
+            continue
+        with h5py.File(feature_paths[slide_id], "r") as f:
+            coords = f[COORDS][()]
+            source, tile0 = str(f.attrs["source_file"]), float(f.attrs["tile_size_level0"])
+        heat_dir = out_dir / "heatmaps"
+        heat_dir.mkdir(parents=True, exist_ok=True)
+        geo = attention_geojson(coords, attention, tile0, slide_id=slide_id, top_k=opts.top_tiles)
+        written.append(write_geojson(geo, heat_dir / f"{slide_id}.geojson"))
+        slide_path = find_slide(slide_dirs, source)
+        if slide_path is None:
+            log(f"no heatmap image for {slide_id}: {source} not found under {', '.join(map(str, slide_dirs))}")
+            continue
+        written.append(attention_heatmap(slide_path, coords, attention, tile0, heat_dir / f"{slide_id}.png"))
+    return written
+
+
+def evaluate_checkpoint(checkpoint: str | Path, features_dir: str | Path, labels: str | Path, out_dir: str | Path,
+                        *, label_col: str = "label", slide_dirs: Sequence[Path] = (),
+                        opts: EvalOptions = EvalOptions(), log=print) -> dict:
+    """Evaluate; returns the metrics dict (also written to ``out_dir/metrics.json``)."""
+    out_dir = Path(out_dir)
+    model, ckpt = load_checkpoint(checkpoint)
+    table = read_labels(labels, label_col=label_col, classes=ckpt.classes)
+    dataset = FeatureBagDataset(table.records, features_dir, expected_provenance=ckpt.provenance)
+    draw = bool(opts.heatmap_slides or opts.heatmap_top_k)
+    preds = predict(model, dataset, keep_attention=draw)
+    metrics = write_report(out_dir, preds, table.records, ckpt.classes, opts, title=Path(checkpoint).stem)
+    if draw:
+        paths = {r.slide_id: p for r, p in zip(dataset.records, dataset.paths, strict=True)}
+        write_heatmaps(out_dir, preds, paths, slide_dirs, opts, log=log)
+    return metrics

@@ -1,0 +1,249 @@
+"""Train and run an attention-MIL model on bags: the loop shared by local, pooled and federated training.
+
+Kept free of I/O and of where bags come from: it takes torch datasets whose
+items are :class:`wsi_fl.mil.data.Bag`, so the same code trains on one hospital's
+HDF5 files, on several hospitals' pooled, on a bag-table benchmark, and (in a
+later issue) inside a Flower ClientApp.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+from torch.utils.data import DataLoader, Dataset
+
+from models import MILModel
+from wsi_fl.mil.data import collate_bags
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings; one default for every dataset (no per-dataset tuning)."""
+
+    epochs: int = field(default=40, metadata={"help": "maximum number of epochs"})
+    lr: float = field(default=2e-4, metadata={"help": "learning rate"})
+    weight_decay: float = field(default=1e-4, metadata={"help": "weight decay (decoupled for adamw)"})
+    optimizer: Literal["adam", "adamw"] = field(default="adamw", metadata={"help": "adam or adamw"})
+    class_weighting: bool = field(default=True, metadata={"help": "weight the loss by inverse class frequency"})
+    early_stopping: Literal["auc", "loss", "none"] = field(
+        default="loss", metadata={"help": "validation metric that selects the best epoch: auc, loss or none"}
+    )
+    patience: int = field(default=10, metadata={"help": "epochs without improvement before stopping"})
+    max_instances: int | None = field(
+        default=None, metadata={"help": "train on at most this many instances per bag, redrawn every epoch"}
+    )
+    batch_size: int = field(default=1, metadata={"help": "bags per optimisation step (padded and masked)"})
+    seed: int = field(default=0, metadata={"help": "random seed (weights, shuffling, subsampling)"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TrainResult:
+    model: MILModel  # with the weights of the selected epoch
+    best_epoch: int
+    history: list[dict[str, float]]
+
+
+@dataclass
+class Predictions:
+    slide_ids: list[str]
+    targets: np.ndarray  # (n,) int
+    probs: np.ndarray  # (n, C) float
+    attention: list[np.ndarray | None]  # per bag, (N,) weights over its instances
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def class_weights(targets: np.ndarray, n_classes: int) -> torch.Tensor:
+    """Inverse-frequency weights (n / (C * count)); a class absent from training gets weight 0."""
+    counts = np.bincount(np.asarray(targets, dtype=np.int64), minlength=n_classes).astype(np.float64)
+    weights = np.where(counts > 0, counts.sum() / (n_classes * np.maximum(counts, 1)), 0.0)
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def _targets_of(ds: Dataset) -> np.ndarray:
+    targets = getattr(ds, "targets", None)
+    if targets is None:  # torch Subset of a bag dataset
+        base, idx = ds.dataset, np.asarray(ds.indices)  # type: ignore[attr-defined]
+        return np.asarray(base.targets)[idx]
+    return np.asarray(targets)
+
+
+def set_epoch(ds: Dataset, epoch: int) -> None:
+    """Tell bag datasets (also inside a Subset or a pooled ConcatDataset) which epoch's subsample to draw."""
+    if hasattr(ds, "set_epoch"):
+        ds.set_epoch(epoch)
+    for inner in getattr(ds, "datasets", ()):  # ConcatDataset
+        set_epoch(inner, epoch)
+    if hasattr(ds, "dataset"):  # Subset
+        set_epoch(ds.dataset, epoch)
+
+
+def auc_score(targets: np.ndarray, probs: np.ndarray) -> float:
+    """ROC AUC (one-vs-rest macro for multi-class); NaN when only one class is present."""
+    if len(np.unique(targets)) < 2:
+        return math.nan
+    if probs.shape[1] == 2:
+        return float(roc_auc_score(targets, probs[:, 1]))
+    return float(roc_auc_score(targets, probs, multi_class="ovr", labels=list(range(probs.shape[1]))))
+
+
+@torch.inference_mode()
+def predict(model: MILModel, ds: Dataset, *, batch_size: int = 1, device: str | torch.device = "cpu",
+            keep_attention: bool = False) -> Predictions:
+    device = torch.device(device)
+    model.eval().to(device)
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=collate_bags)
+    ids, targets, probs, attention = [], [], [], []
+    for batch in loader:
+        out = model(batch.x.to(device), batch.mask.to(device))
+        probs.append(torch.softmax(out.logits.float(), dim=1).cpu().numpy())
+        targets.append(batch.targets.numpy())
+        ids.extend(batch.slide_ids)
+        for b in range(len(batch.slide_ids)):
+            if keep_attention and out.attention is not None:
+                n = int(batch.mask[b].sum())
+                attention.append(out.attention[b, :n].float().cpu().numpy())
+            else:
+                attention.append(None)
+    n_classes = model.config.n_classes
+    return Predictions(
+        slide_ids=ids,
+        targets=np.concatenate(targets) if targets else np.zeros(0, np.int64),
+        probs=np.concatenate(probs) if probs else np.zeros((0, n_classes)),
+        attention=attention,
+    )
+
+
+def _loss_on(model: MILModel, preds: Predictions, weight: torch.Tensor | None) -> float:
+    probs = torch.as_tensor(preds.probs, dtype=torch.float64).clamp_min(1e-12)
+    nll = torch.nn.functional.nll_loss(probs.log(), torch.as_tensor(preds.targets),
+                                       weight=None if weight is None else weight.double())
+    return float(nll)
+
+
+def make_optimizer(model: MILModel, cfg: TrainConfig) -> torch.optim.Optimizer:
+    opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    return opt_cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+class BagCrossEntropy(torch.nn.CrossEntropyLoss):
+    """Class-weighted cross-entropy averaged over the bags of a batch.
+
+    ``CrossEntropyLoss(weight=w)`` with mean reduction divides by the sum of the
+    batch's weights, so with one bag per step (the usual MIL batch) the weight
+    cancels and class weighting silently does nothing. Dividing by the number
+    of bags instead makes every bag of class ``c`` count ``w_c`` times.
+    """
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(input, target, weight=self.weight, reduction="sum") / target.numel()
+
+
+def make_criterion(train_ds: Dataset, n_classes: int, cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
+    weight = class_weights(_targets_of(train_ds), n_classes).to(device) if cfg.class_weighting else None
+    return BagCrossEntropy(weight=weight)
+
+
+def make_loader(train_ds: Dataset, cfg: TrainConfig) -> DataLoader:
+    generator = torch.Generator().manual_seed(cfg.seed)
+    return DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate_bags,
+                      generator=generator)
+
+
+def train_epoch(model: MILModel, loader: DataLoader, optimizer: torch.optim.Optimizer,
+                criterion: torch.nn.Module, device: torch.device, *, epoch: int,
+                proximal_mu: float = 0.0, anchor: Sequence[torch.Tensor] | None = None) -> float:
+    """One pass over ``loader``; returns the mean training loss per bag (without the proximal term).
+
+    With ``proximal_mu > 0``, FedProx's ``mu/2 * ||w - w_global||^2`` (``anchor``
+    = the global weights this round started from) is added to every step's loss,
+    which keeps a site's local optimum from drifting far from the federation's.
+    """
+    set_epoch(loader.dataset, epoch)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    total, n_bags = 0.0, 0
+    for batch in loader:
+        x, mask, y = batch.x.to(device), batch.mask.to(device), batch.targets.to(device)
+        out = model(x, mask, labels=y)
+        loss = criterion(out.logits, y)
+        if out.aux_loss is not None:
+            loss = loss + out.aux_loss
+        total += loss.item() * len(y)
+        n_bags += len(y)
+        if proximal_mu > 0 and anchor is not None:
+            loss = loss + proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return total / max(n_bags, 1)
+
+
+def train_model(model: MILModel, train_ds: Dataset, val_ds: Dataset | None, cfg: TrainConfig,
+                *, progress: bool = False) -> TrainResult:
+    """Train with early stopping on the validation set (if given) and return the best epoch's weights."""
+    seed_everything(cfg.seed)
+    device = pick_device(cfg.device)
+    model.to(device)
+    criterion = make_criterion(train_ds, model.config.n_classes, cfg, device)
+    weight = getattr(criterion, "weight", None)
+    optimizer = make_optimizer(model, cfg)
+    loader = make_loader(train_ds, cfg)
+    use_val = val_ds is not None and len(val_ds) > 0 and cfg.early_stopping != "none"
+    best_state, best_epoch, best_score, stale = None, -1, -math.inf, 0
+    history: list[dict[str, float]] = []
+    epochs = range(cfg.epochs)
+    if progress:
+        from tqdm.auto import tqdm
+
+        epochs = tqdm(epochs, desc="epochs", unit="epoch", leave=False)
+    for epoch in epochs:
+        record = {"epoch": epoch, "train_loss": train_epoch(model, loader, optimizer, criterion, device, epoch=epoch)}
+        if use_val:
+            preds = predict(model, val_ds, batch_size=cfg.batch_size, device=device)
+            record["val_loss"] = _loss_on(model, preds, None if weight is None else weight.cpu())
+            record["val_auc"] = auc_score(preds.targets, preds.probs)
+            score = record["val_auc"] if cfg.early_stopping == "auc" else -record["val_loss"]
+            if math.isnan(score):  # AUC undefined on a one-class validation set: fall back to the loss
+                score = -record["val_loss"]
+            if score > best_score:
+                best_state, best_epoch, best_score, stale = copy.deepcopy(model.state_dict()), epoch, score, 0
+            else:
+                stale += 1
+        history.append(record)
+        if use_val and stale >= cfg.patience:
+            break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    else:
+        best_epoch = len(history) - 1
+    return TrainResult(model=model.eval(), best_epoch=best_epoch, history=history)
+
+
+def concat_datasets(datasets: Sequence[Dataset]) -> Dataset:
+    """Pool several sites' bag datasets (keeps ``targets`` for class weighting and splitting)."""
+    pooled = torch.utils.data.ConcatDataset(datasets)
+    pooled.targets = np.concatenate([_targets_of(d) for d in datasets])  # type: ignore[attr-defined]
+    return pooled
