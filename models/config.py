@@ -12,6 +12,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from wsi_fl.errors import ConfigError
+
 #: ``input_norm`` values: none, or per-slide standardisation of the features (models.base.standardize_within_bag).
 INPUT_NORMS = ("none", "slide")
 
@@ -38,18 +40,18 @@ class MILConfig:
             if f.type == "float" and isinstance(value, int) and not isinstance(value, bool):
                 object.__setattr__(self, f.name, float(value))  # JSON/CLI may give 0 for 0.0
             elif not _has_type(value, f.type):
-                raise ValueError(f"MILConfig.{f.name} must be {f.type}, not {type(value).__name__} ({value!r})")
+                raise ConfigError(f"MILConfig.{f.name} must be {f.type}, not {type(value).__name__} ({value!r})")
         for name in ("in_dim", "hidden_dim", "attn_dim", "k_sample"):
             if getattr(self, name) < 1:
-                raise ValueError(f"MILConfig.{name} must be >= 1, not {getattr(self, name)}")
+                raise ConfigError(f"MILConfig.{name} must be >= 1, not {getattr(self, name)}")
         if self.n_classes < 2:
-            raise ValueError(f"MILConfig.n_classes must be >= 2 (binary is 2 logits), not {self.n_classes}")
+            raise ConfigError(f"MILConfig.n_classes must be >= 2 (binary is 2 logits), not {self.n_classes}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"MILConfig.dropout must be in [0, 1), not {self.dropout}")
+            raise ConfigError(f"MILConfig.dropout must be in [0, 1), not {self.dropout}")
         if self.input_norm not in INPUT_NORMS:
-            raise ValueError(f"MILConfig.input_norm must be one of {', '.join(INPUT_NORMS)}, not {self.input_norm!r}")
+            raise ConfigError(f"MILConfig.input_norm must be one of {', '.join(INPUT_NORMS)}, not {self.input_norm!r}")
         if self.inst_weight < 0.0:
-            raise ValueError(f"MILConfig.inst_weight must be >= 0, not {self.inst_weight}")
+            raise ConfigError(f"MILConfig.inst_weight must be >= 0, not {self.inst_weight}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -61,7 +63,7 @@ class MILConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"unknown MILConfig keys: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+            raise ConfigError(f"unknown MILConfig keys: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
         return cls(**d)
 
 

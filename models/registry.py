@@ -1,45 +1,61 @@
 """Name -> model factory, timm-style: adding a model is one decorated function, no if/elif chain.
 
-Models register when their module is imported; ``import models`` imports them
-all, so :func:`create_model` sees every built-in model.
+Models register when their module is imported. The built-in ones are imported
+on first use of the registry (:func:`list_models`, :func:`create_model`,
+``MODELS``) rather than by ``import models``: their modules import torch, and
+``wsi-fl train --help`` reads only :class:`models.config.MILConfig`.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from models.base import MILModel
 from models.config import MILConfig
+from wsi_fl._registry import Registry
 
-ModelFactory = Callable[[MILConfig], MILModel]
+if TYPE_CHECKING:
+    from models.base import MILModel
+
+ModelFactory = Callable[[MILConfig], "MILModel"]
 F = TypeVar("F", bound=ModelFactory)
 
-_REGISTRY: dict[str, ModelFactory] = {}
+#: Modules whose import registers the built-in models.
+BUILTIN_MODULES = ("models.attention", "models.clam", "models.pooling")
+
+_MODELS: Registry[ModelFactory] = Registry("model")
+
+
+def load_builtin_models() -> None:
+    """Import the built-in model modules (registering them); a no-op once done."""
+    for name in BUILTIN_MODULES:
+        importlib.import_module(name)
+
+
+def __getattr__(name: str) -> Any:
+    # ``MODELS`` is reached through here so that whoever reads it sees every built-in model
+    # (register_model itself writes to _MODELS, so a model module importing it causes no cycle).
+    if name == "MODELS":
+        load_builtin_models()
+        return _MODELS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def register_model(name: str) -> Callable[[F], F]:
     """Decorator registering ``factory(config: MILConfig) -> MILModel`` under ``name``."""
-
-    def decorate(factory: F) -> F:
-        if name in _REGISTRY:
-            raise ValueError(f"model {name!r} is already registered")
-        _REGISTRY[name] = factory
-        return factory
-
-    return decorate
+    return _MODELS.register(name)
 
 
 def list_models() -> list[str]:
-    return sorted(_REGISTRY)
+    load_builtin_models()
+    return _MODELS.names()
 
 
 def create_model(config: MILConfig) -> MILModel:
-    """Build ``config.model``; an unknown name raises ValueError listing the registered ones."""
-    factory = _REGISTRY.get(config.model)
-    if factory is None:
-        raise ValueError(f"unknown model {config.model!r}; registered models: {', '.join(list_models())}")
-    model = factory(config)
+    """Build ``config.model``; an unknown name raises UnknownNameError (a ValueError) listing the registered ones."""
+    load_builtin_models()
+    model = _MODELS.get(config.model)(config)
     if model.config != config:
         # A checkpoint stores model.config; it must be the config that rebuilds this exact model.
         raise RuntimeError(f"factory for {config.model!r} returned a model with a different config")

@@ -32,6 +32,8 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
+from wsi_fl._registry import Registry
+
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -109,23 +111,16 @@ class Encoder:
 
 #: ``factory(weights, random_init) -> Encoder``; ``weights`` is an existing file or None.
 EncoderFactory = Callable[[Path | None, bool], Encoder]
-_REGISTRY: dict[str, EncoderFactory] = {}
+ENCODERS: Registry[EncoderFactory] = Registry("encoder")
 
 
 def register_encoder(name: str) -> Callable[[EncoderFactory], EncoderFactory]:
     """Decorator registering ``factory(weights: Path | None, random_init: bool) -> Encoder`` as ``name``."""
-
-    def decorate(factory: EncoderFactory) -> EncoderFactory:
-        if name in _REGISTRY:
-            raise ValueError(f"encoder {name!r} is already registered")
-        _REGISTRY[name] = factory
-        return factory
-
-    return decorate
+    return ENCODERS.register(name)
 
 
 def list_encoders() -> list[str]:
-    return sorted(_REGISTRY)
+    return ENCODERS.names()
 
 
 def create_encoder(
@@ -146,11 +141,11 @@ def create_encoder(
     key = str(name_or_path)
     if weights is not None and random_init:
         raise EncoderError("give either --weights or --random-init, not both")
-    if key in _REGISTRY:
+    if key in ENCODERS:
         if input_size is not None or mean is not None or std is not None:
             raise EncoderError(f"input_size/mean/std are fixed for the registered encoder {key!r}")
         path = _existing_weights(weights) if weights is not None else None
-        encoder = _REGISTRY[key](path, random_init)
+        encoder = ENCODERS.get(key)(path, random_init)
         encoder.model.eval().requires_grad_(False)
         return encoder.to(device)
     if Path(key).is_file():

@@ -1,1 +1,13 @@
-"""deploy"""
+"""Certificates and containers: TLS files and SuperNode keys (:mod:`.certs`), the podman/docker command
+lines (:mod:`.containers`).
+"""
+
+from wsi_fl._lazy import lazy_exports
+
+_EXPORTS = {
+    "write_tls_certificates": "certs",
+    "write_supernode_keys": "certs",
+    "container_engine": "containers",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -87,5 +87,5 @@ def check_weight(value: object) -> str | None:
 
 
 def reply_metrics(reply: Message) -> MetricRecord:
-    """A screened training reply's one MetricRecord (``fedserver.screen_replies`` checks there is exactly one)."""
+    """A screened training reply's one MetricRecord (the server's ``screen_replies`` checks there is exactly one)."""
     return next(iter(reply.content.metric_records.values()))

@@ -43,11 +43,19 @@ SelectOn = Literal["val-auc", "val-loss", "last"]
 
 #: The MILConfig fields a federation chooses, under the same names here (in_dim and n_classes come from the sites'
 #: data; CLAM's k_sample and inst_weight keep their defaults). One list, so a field added later reaches what the sites
-#: are sent (client_app.CLIENT_KEYS), what a resumed run must keep (fedserver) and a script that turns a MILConfig
+#: are sent (CLIENT_KEYS), what a resumed run must keep (wsi_fl.server) and a script that turns a MILConfig
 #: into a FedConfig (scripts/bench_federated.py); input-norm was once missing from the resume keys.
 MODEL_FIELDS = ("model", "hidden_dim", "attn_dim", "dropout", "input_norm")
 #: The same as run-config keys: what the server sends the sites, and what a resumed run must keep.
 MODEL_KEYS = tuple(name.replace("_", "-") for name in MODEL_FIELDS)
+
+#: FedConfig keys the server (wsi_fl.server) sends to sites with every instruction (the rest concern the server only).
+CLIENT_KEYS = ("local-epochs", *MODEL_KEYS, "optimizer", "lr", "weight-decay", "class-weighting", "max-instances",
+               "label-col", "val-frac", "test-frac", "seed", "transport", "auc-bins", "num-server-rounds", "strategy",
+               "dp", "dp-noise-multiplier", "dp-clipping-norm", "dp-epsilon", "dp-delta", "dp-batch-size", "secagg")
+#: Keys the SecAgg+ driver (wsi_fl.server.secagg) adds to an instruction for the site's adapter (wsi_fl.site.secagg).
+SECAGG_KEY_NAMES, SECAGG_KEY_CLIP, SECAGG_KEY_MAX_WEIGHT = ("secagg-array-names", "secagg-clipping-range",
+                                                          "secagg-max-weight")
 
 
 @dataclass(frozen=True)

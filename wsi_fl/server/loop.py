@@ -42,7 +42,7 @@ from models.checkpoint import check_provenance, save_checkpoint
 from preprocessing.atomic import atomic_path, write_text_atomic
 from wsi_fl import __version__
 from wsi_fl.federation import arrays as fedarrays
-from wsi_fl.federation.config import CENTRAL_DP, MODEL_KEYS, FedConfig
+from wsi_fl.federation.config import CENTRAL_DP, CLIENT_KEYS, MODEL_KEYS, FedConfig
 from wsi_fl.federation.histograms import confusion_metrics, histogram_auc
 from wsi_fl.mil.data import sort_classes
 from wsi_fl.privacy.central import (
@@ -54,7 +54,6 @@ from wsi_fl.privacy.central import (
     wrap_strategy,
 )
 from wsi_fl.server.strategies import create_strategy, load_strategy_state, strategy_state
-from wsi_fl.site.app import CLIENT_KEYS
 
 log = logging.getLogger("wsi_fl.server")
 

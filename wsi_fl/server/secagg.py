@@ -42,9 +42,11 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
 from wsi_fl.federation import arrays as fedarrays
+from wsi_fl.federation.config import SECAGG_KEY_CLIP as KEY_CLIP
+from wsi_fl.federation.config import SECAGG_KEY_MAX_WEIGHT as KEY_MAX_WEIGHT
+from wsi_fl.federation.config import SECAGG_KEY_NAMES as KEY_NAMES
 from wsi_fl.federation.config import FedConfig
 from wsi_fl.server.loop import FedResult, ServerRun, client_config, drive, query_sites
-from wsi_fl.site.secagg import KEY_CLIP, KEY_MAX_WEIGHT, KEY_NAMES
 
 log = logging.getLogger("wsi_fl.server.secagg")
 

@@ -17,35 +17,30 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Strategy
 
+from wsi_fl._registry import Registry
 from wsi_fl.federation.arrays import reply_metrics
 from wsi_fl.federation.config import CENTRAL_DP, FedConfig
 from wsi_fl.privacy.central import KEY_DP_WEIGHT
 
 StrategyFactory = Callable[[FedConfig], Strategy]
-_STRATEGIES: dict[str, StrategyFactory] = {}
+#: Every strategy a run config may name; ``federation.config.StrategyName`` lists the same names for the
+#: sites and the CLI, which must not import Flower's server (a test keeps the two equal).
+STRATEGIES: Registry[StrategyFactory] = Registry("strategy")
 
 #: Attributes of Flower's strategies that change from round to round and must survive a restart.
 _STATEFUL = ("m_t", "v_t")
 
 
 def register_strategy(name: str) -> Callable[[StrategyFactory], StrategyFactory]:
-    def deco(fn: StrategyFactory) -> StrategyFactory:
-        if name in _STRATEGIES:
-            raise ValueError(f"strategy {name!r} is already registered")
-        _STRATEGIES[name] = fn
-        return fn
-
-    return deco
+    return STRATEGIES.register(name)
 
 
 def list_strategies() -> list[str]:
-    return sorted(_STRATEGIES)
+    return STRATEGIES.names()
 
 
 def create_strategy(cfg: FedConfig) -> Strategy:
-    if cfg.strategy not in _STRATEGIES:
-        raise ValueError(f"unknown strategy {cfg.strategy!r}; registered: {', '.join(list_strategies())}")
-    return _STRATEGIES[cfg.strategy](cfg)
+    return STRATEGIES.get(cfg.strategy)(cfg)
 
 
 def _common(cfg: FedConfig) -> dict[str, Any]:
@@ -54,9 +49,9 @@ def _common(cfg: FedConfig) -> dict[str, Any]:
         "fraction_evaluate": cfg.fraction_evaluate,
         "min_train_nodes": cfg.min_train_nodes,
         "min_evaluate_nodes": cfg.min_evaluate_nodes,
-        # min-available-nodes gates the start only (fedserver.query_sites). Flower waits, without a time limit,
+        # min-available-nodes gates the start only (wsi_fl.server.loop.query_sites). Flower waits, without a time limit,
         # for max(this, its sample size) sites before every sample: 0 leaves just the sample size (at least
-        # min-train-/min-evaluate-nodes), which fedserver.wait_for_sites has waited for with round-timeout.
+        # min-train-/min-evaluate-nodes), which the round loop's wait_for_sites has waited for with round-timeout.
         "min_available_nodes": 0,
         # FedAvg weights each site by its number of training bags; under central DP equally (privacy.KEY_DP_WEIGHT).
         # Under slide-dpsgd each update is private already and bag counts are public, so the usual weights stay.

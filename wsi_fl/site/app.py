@@ -36,7 +36,7 @@ from torch.utils.data import Dataset
 from models import MILModel, create_model
 from wsi_fl._logging import configure_logging
 from wsi_fl.federation import arrays as fedarrays
-from wsi_fl.federation.config import MODEL_KEYS, FedConfig
+from wsi_fl.federation.config import CLIENT_KEYS, FedConfig
 from wsi_fl.federation.histograms import confusion, score_histograms
 from wsi_fl.mil.training import (
     BagCrossEntropy,
@@ -56,10 +56,6 @@ from wsi_fl.site.secagg import secagg_mod
 
 log = logging.getLogger("wsi_fl.client")
 
-#: FedConfig keys the server sends to sites with every instruction (the rest concern the server only).
-CLIENT_KEYS = ("local-epochs", *MODEL_KEYS, "optimizer", "lr", "weight-decay", "class-weighting", "max-instances",
-               "label-col", "val-frac", "test-frac", "seed", "transport", "auc-bins", "num-server-rounds", "strategy",
-               "dp", "dp-noise-multiplier", "dp-clipping-norm", "dp-epsilon", "dp-delta", "dp-batch-size", "secagg")
 
 _OPTIMIZER_STATE = "wsi-fl.optimizer"
 _DPSGD_STATE = "wsi-fl.dpsgd"  # DP-SGD steps this site has taken in this run

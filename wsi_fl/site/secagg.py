@@ -6,8 +6,8 @@ Message API (``arrays`` + ``config`` in, ``arrays`` + ``metrics`` out).
 :func:`secagg_mod` runs Flower's mod on the workflow's messages and translates
 its one fit call both ways; every other message passes through untouched, so
 the mod can always be installed and the server chooses the path per run.
-Kept apart from :mod:`wsi_fl.server.secagg` so that ``client_app`` can import it
-without importing the server.
+The site never imports the server: the message keys both sides use live in
+:mod:`wsi_fl.federation.config`.
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ from flwr.common import Code, FitRes, Status, bytes_to_ndarray, ndarrays_to_para
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from wsi_fl.federation import arrays as fedarrays
+from wsi_fl.federation.config import SECAGG_KEY_CLIP, SECAGG_KEY_MAX_WEIGHT, SECAGG_KEY_NAMES
 
 #: Keys the server adds to the instruction for this adapter (``train`` never sees them).
-KEY_NAMES, KEY_CLIP, KEY_MAX_WEIGHT = "secagg-array-names", "secagg-clipping-range", "secagg-max-weight"
+KEY_NAMES, KEY_CLIP, KEY_MAX_WEIGHT = SECAGG_KEY_NAMES, SECAGG_KEY_CLIP, SECAGG_KEY_MAX_WEIGHT
 
 
 def is_secagg_message(msg: Message) -> bool:
