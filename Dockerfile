@@ -1,9 +1,9 @@
 # wsi-fl container images: one Dockerfile, two targets.
 #
-#   site    a hospital's image: `wsi-fl` (preprocessing, evaluation) and Flower's SuperNode, which runs the
-#           ClientApp in a subprocess next to the site's data. Entry point: flower-supernode.
-#   server  the coordinator's image: Flower's SuperLink, which runs the ServerApp in a subprocess.
-#           Entry point: flower-superlink.
+#   site    a hospital's image: `wsi-fl` (preprocessing, evaluation, `wsi-fl rehearse`) and Flower's SuperNode,
+#           which runs the ClientApp in a subprocess next to the site's data. Entry point: flower-supernode.
+#   server  the coordinator's image: Flower's SuperLink, which runs the ServerApp in a subprocess, and `wsi-fl`
+#           (`wsi-fl certs` writes the federation's certificates). Entry point: flower-superlink.
 #
 # Flower's `--isolation subprocess` (its default), not `process` with a separate flower-superexec container: the
 # ClientApp must see the site's data, so one container per site keeps the read-only data mounts in one place,
@@ -57,13 +57,19 @@ COPY docker/requirements.txt /tmp/requirements.txt
 RUN pip install --requirement /tmp/requirements.txt
 
 # ---- app: the wsi-fl wheel (a code change rebuilds this and the last layer of the images, in seconds) -----
+# and the Flower app's sources (/app), which `wsi-fl rehearse` ships as its FAB when run in the image. /app holds
+# only the packages, so pyproject's fab-exclude (tests/, scripts/: every pattern must match a file in Flower
+# 1.41) is dropped there; the FAB holds the same files as one built from a checkout.
 FROM deps AS app
 ARG PIP_CERT=
 COPY setup.cfg pyproject.toml README.md LICENSE /src/
 COPY preprocessing /src/preprocessing
 COPY models /src/models
 COPY wsi_fl /src/wsi_fl
-RUN pip wheel --no-deps --wheel-dir /wheels /src
+RUN mkdir /app \
+    && cp -r /src/pyproject.toml /src/README.md /src/LICENSE /src/preprocessing /src/models /src/wsi_fl /app/ \
+    && sed -i '/^fab-exclude = /d' /app/pyproject.toml \
+    && pip wheel --no-deps --wheel-dir /wheels /src
 
 # ---- runtime: Debian + Python + the environment, nothing else ----------------------------------------------
 FROM ${BASE_IMAGE} AS runtime
@@ -86,15 +92,19 @@ ENV PATH=/opt/venv/bin:$PATH \
     FLWR_DISABLE_UPDATE_CHECK=1 \
     FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 \
     FLWR_HOME=/var/lib/wsi-fl/.flwr \
-    MPLCONFIGDIR=/tmp/matplotlib
+    MPLCONFIGDIR=/tmp/matplotlib \
+    WSI_FL_APP=/opt/wsi-fl/app
 LABEL org.opencontainers.image.title="wsi-fl" \
       org.opencontainers.image.description="Federated attention-MIL on whole-slide images (Flower)" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.version="0.1.0"
+COPY --from=app /app /opt/wsi-fl/app
 COPY --from=app /wheels /tmp/wheels
 RUN pip install --no-cache-dir --no-deps /tmp/wheels/*.whl \
     && rm -rf /tmp/wheels \
     && wsi-fl --help > /dev/null \
+    && wsi-fl rehearse --help > /dev/null \
+    && wsi-fl certs --help > /dev/null \
     && python3 -c "import openslide, h5py, flwr, torch; import preprocessing.tv; print('torch', torch.__version__, 'CUDA', torch.version.cuda)"
 VOLUME ["/var/lib/wsi-fl"]
 WORKDIR /var/lib/wsi-fl
@@ -109,7 +119,7 @@ CMD ["--help"]
 
 # ---- server: SuperLink (ServerApp in a subprocess) ---------------------------------------------------------
 # Flower 1.41 serves SuperNodes and `flwr` on one HTTP port. The default command is the safe one: TLS with the
-# certificates of scripts/make_certs.py in /certs and SuperNode authentication (register each site's public
+# certificates of `wsi-fl certs` in /certs and SuperNode authentication (register each site's public
 # key with `flwr supernode register`). Plain HTTP needs an explicit `--insecure` in the command.
 FROM runtime AS server
 EXPOSE 8000

@@ -23,7 +23,7 @@ _EXPORTS = {
     "register_model": "registry",
 }
 
-__all__ = sorted(["MILConfig", *_EXPORTS])
+__all__ = ["MILConfig", "MILModel", "MILOutput", "create_model", "list_models", "masked_softmax", "register_model"]
 
 
 def __getattr__(name: str) -> Any:

@@ -26,6 +26,7 @@ from models.base import MILModel
 from models.config import MILConfig
 from models.registry import create_model
 from preprocessing.h5format import attr_equal
+from wsi_fl.errors import ConfigError
 
 #: Feature-file attributes that define the feature space a model was trained on.
 PROVENANCE_KEYS = ("encoder", "weights", "feature_dim", "target_mpp", "tile_size", "schema_version")
@@ -34,11 +35,11 @@ FORMAT = "wsi-fl-mil-checkpoint"
 FORMAT_VERSION = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ConfigError):
     """A checkpoint that is missing, unreadable, or does not rebuild its model. One-line message."""
 
 
-class ProvenanceError(ValueError):
+class ProvenanceError(ConfigError):
     """Features from another feature space than the checkpoint's (other encoder, magnification, ...)."""
 
 

@@ -34,6 +34,8 @@ from torch import nn
 
 from wsi_fl._registry import Registry
 
+from .errors import PreprocessingError
+
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -52,7 +54,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 RANDOM_INIT = "random-init"
 
 
-class EncoderError(Exception):
+class EncoderError(PreprocessingError):
     """An encoder that cannot be built; ``str(err)`` is one line saying what to do."""
 
     def __init__(self, message: str):

@@ -1,4 +1,10 @@
-"""The one exception type of slide handling, so a batch can catch it, log one line and go on."""
+"""The exceptions preprocessing raises on purpose, under one base the CLI turns into a one-line message.
+
+:class:`PreprocessingError` is the base: ``wsi-fl`` reports any of them as
+``wsi-fl <command>: error: <message>`` with exit code 2, while an exception
+outside it (a bug) keeps its traceback. Standard library only, so the stdlib-only
+parameter module (:mod:`preprocessing.params`) can raise them.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +12,22 @@ import os
 from pathlib import Path
 
 
-class SlideError(Exception):
-    """A slide that cannot be used; ``str(err)`` is one line naming the file and the problem."""
+class PreprocessingError(Exception):
+    """Base of every error preprocessing raises about its inputs (slides, options, files, encoders)."""
+
+
+class InputError(PreprocessingError, ValueError):
+    """A preprocessing option or input (parameters, shard, MPP table, manifests, slide list) is invalid.
+
+    Also a ``ValueError``, which is what these checks raised before the class existed.
+    """
+
+
+class SlideError(PreprocessingError):
+    """A slide that cannot be used; ``str(err)`` is one line naming the file and the problem.
+
+    The one exception type of slide handling, so a batch can catch it, log one line and go on.
+    """
 
     def __init__(self, path: str | os.PathLike, problem: str):
         self.path = Path(path)

@@ -31,6 +31,8 @@ from typing import Any
 import h5py
 import numpy as np
 
+from .errors import PreprocessingError
+
 SCHEMA_VERSION = 1
 FEATURES = "features"
 COORDS = "coords"
@@ -78,7 +80,7 @@ PARAMETER_ATTRS = (
 _CHUNK_BYTES = 1 << 20  # ~1 MiB chunks: efficient for both row slices and whole-bag reads
 
 
-class FeatureFileError(Exception):
+class FeatureFileError(PreprocessingError):
     """A feature file that is missing, incomplete, corrupt or of an unknown schema."""
 
 

@@ -24,7 +24,7 @@ from typing import Literal
 
 import openslide
 
-from .errors import SlideError
+from .errors import InputError, SlideError
 
 MppSource = Literal["file", "user-csv", "user-default"]
 
@@ -94,13 +94,13 @@ def read_mpp_csv(path: str | os.PathLike) -> dict[str, float]:
         with path.open(newline="") as f:
             reader = csv.DictReader(f)
             if not reader.fieldnames or not {"slide_id", "mpp"} <= set(reader.fieldnames):
-                raise ValueError(f"needs columns slide_id,mpp (found {reader.fieldnames})")
+                raise InputError(f"needs columns slide_id,mpp (found {reader.fieldnames})")
             table: dict[str, float] = {}
             for line, row in enumerate(reader, start=2):
                 try:
                     table[row["slide_id"].strip()] = float(row["mpp"])
                 except (TypeError, ValueError) as err:
-                    raise ValueError(f"line {line}: bad mpp {row.get('mpp')!r}") from err
+                    raise InputError(f"line {line}: bad mpp {row.get('mpp')!r}") from err
     except (OSError, ValueError) as err:
-        raise ValueError(f"{path}: {err}") from err
+        raise InputError(f"{path}: {err}") from err
     return table

@@ -35,7 +35,7 @@ from wsi_fl import __version__
 
 from .atomic import write_csv_atomic
 from .encoders import Encoder, create_encoder
-from .errors import SlideError
+from .errors import InputError, SlideError
 from .extract import extract_features
 from .h5format import FeatureFileError, FeatureWriter, check_feature_file, remove_stale_partials, stale_reason
 from .qc import render_qc, save_qc
@@ -146,13 +146,13 @@ def parse_shard(text: str, environ: Mapping[str, str] = os.environ) -> tuple[int
             return int(environ["SLURM_ARRAY_TASK_ID"]) - first, int(environ["SLURM_ARRAY_TASK_COUNT"])
         if "JOB_COMPLETION_INDEX" in environ:  # Kubernetes indexed Job; count passed by the Job spec
             return int(environ["JOB_COMPLETION_INDEX"]), int(environ["WSI_FL_SHARD_COUNT"])
-        raise ValueError("--shard auto: no SLURM_ARRAY_TASK_ID or JOB_COMPLETION_INDEX in the environment")
+        raise InputError("--shard auto: no SLURM_ARRAY_TASK_ID or JOB_COMPLETION_INDEX in the environment")
     try:
         i, n = (int(v) for v in text.split("/"))
     except ValueError as err:
-        raise ValueError(f"--shard must look like i/n (e.g. 0/4), not {text!r}") from err
+        raise InputError(f"--shard must look like i/n (e.g. 0/4), not {text!r}") from err
     if not (n >= 1 and 0 <= i < n):
-        raise ValueError(f"--shard {text}: need 0 <= i < n")
+        raise InputError(f"--shard {text}: need 0 <= i < n")
     return i, n
 
 
@@ -162,7 +162,7 @@ def plan_tasks(slides: Sequence[Path], shard: tuple[int, int] | None = None) -> 
     seen: dict[str, Path] = {}
     for t in tasks:
         if t.slide_id in seen:
-            raise ValueError(f"two slides share the id {t.slide_id!r}: {seen[t.slide_id]} and {t.path}")
+            raise InputError(f"two slides share the id {t.slide_id!r}: {seen[t.slide_id]} and {t.path}")
         seen[t.slide_id] = t.path
     if shard is not None:
         i, n = shard
@@ -194,7 +194,7 @@ def read_manifest(path: str | os.PathLike) -> list[dict[str, str]]:
     with Path(path).open(newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         if tuple(reader.fieldnames or ()) != MANIFEST_FIELDS:
-            raise ValueError(f"{path}: not a preprocessing manifest (header {','.join(reader.fieldnames or [])})")
+            raise InputError(f"{path}: not a preprocessing manifest (header {','.join(reader.fieldnames or [])})")
         return list(reader)
 
 
@@ -214,24 +214,24 @@ def merge_manifests(out_dir: str | os.PathLike, slides: Sequence[Path] | None = 
         if m := _SHARD_MANIFEST.fullmatch(p.name):
             by_count.setdefault(int(m[2]), {})[int(m[1])] = p
     if not by_count:
-        raise ValueError(f"no shard manifests (manifest.shard-I-of-N.csv) in {out_dir}"
+        raise InputError(f"no shard manifests (manifest.shard-I-of-N.csv) in {out_dir}"
                          " (a run of one shard writes manifest.csv itself)")
     if len(by_count) > 1:
         kinds = ", ".join(f"{len(found)} of n={n}" for n, found in sorted(by_count.items()))
-        raise ValueError(f"shard manifests of job arrays with different shard counts in {out_dir} ({kinds}):"
+        raise InputError(f"shard manifests of job arrays with different shard counts in {out_dir} ({kinds}):"
                          " remove those of the older run")
     ((n, found),) = by_count.items()
     missing = [manifest_path(out_dir, (i, n)).name for i in range(n) if i not in found]
     if missing or max(found) >= n:
         what = f"missing {_few(missing)}" if missing else f"index {max(found)} out of range"
-        raise ValueError(f"{len(found)} of {n} shard manifests in {out_dir} ({what}): did every array task run?")
+        raise InputError(f"{len(found)} of {n} shard manifests in {out_dir} ({what}): did every array task run?")
     rows: dict[str, dict[str, str]] = {}
     origin: dict[str, str] = {}
     for i in range(n):
         for row in read_manifest(found[i]):
             sid = row["slide_id"]
             if sid in rows:
-                raise ValueError(f"slide {sid!r} is in both {origin[sid]} and {found[i].name}")
+                raise InputError(f"slide {sid!r} is in both {origin[sid]} and {found[i].name}")
             rows[sid], origin[sid] = row, found[i].name
     if slides is not None:
         expected = {t.slide_id for t in plan_tasks(slides)}
@@ -241,7 +241,7 @@ def merge_manifests(out_dir: str | os.PathLike, slides: Sequence[Path] | None = 
         if unknown:
             problems.append(f"{len(unknown)} row(s) for slides not given ({_few(unknown)})")
         if problems:
-            raise ValueError(f"shard manifests in {out_dir} do not match the slides: {'; '.join(problems)}")
+            raise InputError(f"shard manifests in {out_dir} do not match the slides: {'; '.join(problems)}")
     merged = [rows[sid] for sid in sorted(rows)]
     path = out_dir / "manifest.csv"
     return write_csv_atomic(path, MANIFEST_FIELDS, ([row[k] for k in MANIFEST_FIELDS] for row in merged))

@@ -60,6 +60,7 @@ from skimage.transform import integral_image
 from tqdm import tqdm
 
 from .atomic import write_csv_atomic
+from .errors import InputError
 from .tiffwrite import pyramid_shapes, write_pyramidal_tiff
 
 __all__ = ["SiteSummary", "SynthConfig", "generate_cohort"]
@@ -118,26 +119,26 @@ class SynthConfig:
         def check_range(name: str, lo: float, hi: float, low: float, high: float) -> None:
             value = getattr(self, name)
             if len(value) != 2 or not (low <= value[0] <= value[1] <= high):
-                raise ValueError(f"SynthConfig.{name}={value!r}: need {low} <= lo <= hi <= {high}")
+                raise InputError(f"SynthConfig.{name}={value!r}: need {low} <= lo <= hi <= {high}")
 
         if not 0.05 <= self.mpp <= 20:
-            raise ValueError(f"SynthConfig.mpp={self.mpp}: need 0.05..20 µm/px")
+            raise InputError(f"SynthConfig.mpp={self.mpp}: need 0.05..20 µm/px")
         check_range("size_range", *self.size_range, 256, 200_000)
         check_range("tissue_fraction", *self.tissue_fraction, 0.05, 0.8)
         check_range("tumour_fraction", *self.tumour_fraction, 0.01, 0.6)
         check_range("regions_per_positive", *self.regions_per_positive, 1, 20)
         check_range("prevalence_range", *self.prevalence_range, 0.0, 1.0)
         if not 16 <= self.min_region_side <= self.size_range[0] // 3:
-            raise ValueError(
+            raise InputError(
                 f"SynthConfig.min_region_side={self.min_region_side}: need 16..{self.size_range[0] // 3}"
                 " (a third of the smallest slide side)"
             )
         if not 0.0 <= self.two_slide_fraction <= 1.0:
-            raise ValueError(f"SynthConfig.two_slide_fraction={self.two_slide_fraction}: need 0..1")
+            raise InputError(f"SynthConfig.two_slide_fraction={self.two_slide_fraction}: need 0..1")
         if not 0.0 <= self.site_stain_shift <= 2.0:
-            raise ValueError(f"SynthConfig.site_stain_shift={self.site_stain_shift}: need 0..2")
+            raise InputError(f"SynthConfig.site_stain_shift={self.site_stain_shift}: need 0..2")
         if not 1 <= self.jpeg_quality <= 100:
-            raise ValueError(f"SynthConfig.jpeg_quality={self.jpeg_quality}: need 1..100")
+            raise InputError(f"SynthConfig.jpeg_quality={self.jpeg_quality}: need 1..100")
 
 
 @dataclass(frozen=True)
@@ -517,9 +518,9 @@ def generate_cohort(
     Existing files of the same names are replaced. Returns one summary per site.
     """
     if sites < 1 or slides_per_site < 1:
-        raise ValueError(f"need sites >= 1 and slides_per_site >= 1, got {sites} and {slides_per_site}")
+        raise InputError(f"need sites >= 1 and slides_per_site >= 1, got {sites} and {slides_per_site}")
     if seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
+        raise InputError(f"seed must be >= 0, got {seed}")
     cfg = config or SynthConfig()
     out = Path(out)
     stains = _site_stains(sites, cfg.site_stain_shift, seed)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .params import TilingParams
 from .slide import Slide
 from .tissue import TissueMask
 
@@ -28,40 +29,6 @@ __all__ = ["TileGrid", "TilingParams", "grid_positions", "plan_grid", "tile_coor
 LEVEL_TOLERANCE = 0.01
 #: How much finer than the scan the target may be; beyond this, tiles would be mostly interpolation.
 MAX_UPSAMPLING = 2.0
-
-
-@dataclass(frozen=True)
-class TilingParams:
-    """What a tile is."""
-
-    #: µm/px of the tiles handed to the feature extractor (0.5 µm/px ≈ 20× objective).
-    target_mpp: float = field(default=0.5, metadata={"help": "µm/px of the tiles"})
-    #: Tile side in px at ``target_mpp`` (224: the input size of most ImageNet/pathology encoders).
-    tile_size: int = field(default=224, metadata={"help": "tile side in px at the target MPP"})
-    #: Step between tiles in px at ``target_mpp``; ``None`` = ``tile_size`` (no overlap).
-    stride: int | None = field(
-        default=None,
-        metadata={"help": "step between tiles in px at the target MPP (default: tile size, no overlap)"},
-    )
-    #: Minimum fraction of a tile's area that must be tissue for the tile to be kept.
-    min_tissue: float = field(
-        default=0.5, metadata={"help": "minimum fraction of a tile's area that is tissue"}
-    )
-
-    def __post_init__(self) -> None:
-        if not self.target_mpp > 0:
-            raise ValueError(f"target_mpp must be > 0, got {self.target_mpp}")
-        if self.tile_size < 1:
-            raise ValueError(f"tile_size must be >= 1, got {self.tile_size}")
-        if self.stride is not None and self.stride < 1:
-            raise ValueError(f"stride must be >= 1, got {self.stride}")
-        if not 0 <= self.min_tissue <= 1:
-            raise ValueError(f"min_tissue must be in [0, 1], got {self.min_tissue}")
-
-    @property
-    def step(self) -> int:
-        """The stride in target px, ``tile_size`` when not given."""
-        return self.tile_size if self.stride is None else self.stride
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_tissue import cached_slide
+from wsi_fl.benchmarks.slides import cached_slide
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 

@@ -25,47 +25,20 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import logging
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_federated import (
-    DATASETS,
-    ENGINES,
-    SKEWS,
-    Cohort,
-    Protocol,
-    Results,
-    build_cohort,
-    format_cell,
-    mean_std,
-    score,
-    synthetic_cohort,
-)
-
 from models import MILConfig
 from models.config import INPUT_NORMS
-from wsi_fl.federation.config import FedConfig
-
-GOAL_DROP = 0.05  # at epsilon 8
-
-
-def run(cohort: Cohort, out: Path, proto: Protocol, dp: dict) -> tuple[float, float | None]:
-    """(test AUC, epsilon spent) of FedAvg on ``cohort`` with the DP settings ``dp`` (empty: none)."""
-    base = proto.fed_config("fedavg", cohort.seed, len(cohort.sites), out)
-    cfg = FedConfig(**{**dataclasses.asdict(base), **dp})
-    ENGINES["inline"](cohort.root, len(cohort.sites), cfg)
-    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
-    return score(out / "last.pt", cohort, proto)[0], last.get("dp-epsilon")
+from wsi_fl.benchmarks.cohorts import DATASETS, SKEWS, build_cohort, synthetic_cohort
+from wsi_fl.benchmarks.federated import Protocol
+from wsi_fl.benchmarks.privacy import DPSweep, print_table, run_cohort
+from wsi_fl.benchmarks.results import Results
 
 
 def main() -> int:
@@ -102,43 +75,15 @@ def main() -> int:
     proto = Protocol(epochs=args.epochs, lr=args.lr,
                      model=MILConfig(model=args.model, hidden_dim=args.hidden_dim, attn_dim=args.attn_dim,
                                      input_norm=args.input_norm))
-    sgd = {"dp_batch_size": args.batch_size} if args.mode == "slide-dpsgd" else {}
-    if args.dp_lr is not None:
-        sgd["lr"] = args.dp_lr
-    settings = {"no DP": {}} | {f"eps {e:g}": {"dp": args.mode, "dp_epsilon": e, "dp_delta": args.delta,
-                                              "dp_clipping_norm": args.clip, **sgd} for e in args.epsilons}
-    label = (f"{args.mode} clip {args.clip}" + (f" batch {args.batch_size}" if args.mode == "slide-dpsgd" else "")
-             + (f" lr {args.dp_lr:g}" if args.dp_lr is not None else ""))
+    sweep = DPSweep(mode=args.mode, clip=args.clip, batch_size=args.batch_size, dp_lr=args.dp_lr,
+                    epsilons=tuple(args.epsilons), delta=args.delta)
     combos = [(d, s) for d in args.datasets for s in args.skews] + ([("synthetic", "as-is")] if args.synthetic else [])
     for dataset, skew in combos:
         for seed in args.seeds:
             cohort = (synthetic_cohort(args.synthetic, seed) if dataset == "synthetic"
                       else build_cohort(work, args.data / f"{dataset}.csv", dataset, skew, seed))
-            for name, dp in settings.items():
-                key = {"protocol": proto.fingerprint(), "dataset": dataset, "skew": skew, "seed": seed,
-                       "model": f"{name} {label}"}
-                if results.has(**key):
-                    continue
-                start = time.perf_counter()
-                out = work / "runs" / dataset / skew / f"seed{seed}" / name.replace(" ", "")
-                auc, eps = run(cohort, out, proto, dp)
-                results.append({**key, "kind": "run", "auc": auc, "epsilon": eps,
-                                "seconds": round(time.perf_counter() - start, 1)})
-                print(f"[{dataset}/{skew} seed {seed}] {name:<8} test AUC {auc:.3f}"
-                      + (f"  epsilon spent {eps:.3f}" if eps is not None else ""), flush=True)
-    print(f"\nFedAvg test AUC, mean ± std over seeds {args.seeds}; {args.epochs} rounds; DP {label}, "
-          f"delta {args.delta:g}; drop = no DP - DP (goal at epsilon 8: <= {GOAL_DROP})")
-    print(f"{'dataset/skew':<18}" + "".join(f"{n:>22}" for n in settings) + f"{'drop at eps 8':>16}")
-    for dataset, skew in combos:
-        cols = {}
-        for name in settings:
-            model = f"{name} {label}"
-            cols[name] = [r["auc"] for r in results.rows if r.get("dataset") == dataset and r.get("skew") == skew
-                          and r.get("model") == model and r.get("seed") in args.seeds
-                          and r.get("protocol") == proto.fingerprint()]
-        drop = (mean_std(cols["no DP"])[0] - mean_std(cols["eps 8"])[0]) if "eps 8" in cols else float("nan")
-        print(f"{dataset + '/' + skew:<18}" + "".join(f"{format_cell(v, len(args.seeds)):>22}" for v in cols.values())
-              + f"{drop:>16.3f}")
+            run_cohort(cohort, results, work / "runs", proto, sweep)
+    print_table(results, proto, sweep, combos, args.seeds)
     return 0
 
 

@@ -3,7 +3,7 @@
 ``scripts/build_image.sh`` makes a Debian base with debootstrap, then builds the Dockerfile's ``site`` and
 ``server`` targets with buildah. A site container preprocesses a real shared slide that it sees read-only and
 gives the features this environment gives; SuperNode containers join a SuperLink container over TLS with
-SuperNode authentication and complete a round. Needs root and Debian's podman, buildah and debootstrap
+SuperNode authentication and complete a round, and a whole rehearsal runs inside one site container. Needs root and Debian's podman, buildah and debootstrap
 (``.ci/run`` installs them); elsewhere these tests skip, under ``CI=true`` they fail.
 """
 
@@ -19,11 +19,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from bagsites import make_cohort, make_site
-from scriptload import load_script
 
 from models.checkpoint import load_checkpoint
 from preprocessing.h5format import check_feature_file, read_features
 from wsi_fl.deploy.containers import IMAGE_UID, Mount, grant, run_argv
+from wsi_fl.engines import deployment
+from wsi_fl.engines._processes import tail
 
 pytestmark = [pytest.mark.slow, pytest.mark.container]
 
@@ -68,6 +69,11 @@ def test_images_run_as_non_root_offline(images):
     out = _run(run_argv(f"wsi-fl-test-cli-{os.getpid()}", images["site"],
                         ["wsi-fl", "preprocess", "--help"], [], network="none"))
     assert out.returncode == 0 and "--shard" in out.stdout, out.stderr
+    for image in images.values():  # what the runbook tells an operator to run is in both images
+        for command, option in (("rehearse", "--unregistered-site"), ("certs", "--hosts")):
+            out = _run(run_argv(f"wsi-fl-test-{command}-{os.getpid()}", image, ["wsi-fl", command, "--help"], [],
+                                network="none"))
+            assert out.returncode == 0 and option in out.stdout, (image, command, out.stderr)
     inspect = _run(["podman", "image", "inspect", "--format", "{{.Config.Entrypoint}} {{.Config.Cmd}}",
                     images["server"]])
     assert "flower-superlink" in inspect.stdout and "--enable-supernode-auth" in inspect.stdout, inspect.stdout
@@ -165,15 +171,14 @@ def test_runbook_container_supernode_block_joins_a_tls_superlink(images, tmp_pat
 
 
 def test_supernode_containers_join_a_superlink_container_over_tls(images, tmp_path):
-    script = load_script("run_local_federation")
     make_cohort(tmp_path / "cohort")
     out, work = tmp_path / "out", tmp_path / "work"
-    result = script.run_local_federation(
+    result = deployment.rehearse(
         tmp_path / "cohort", out, rounds=1, workdir=work, timeout=900, startup_timeout=180,
         run_config="min-available-nodes=3 min-train-nodes=3 min-evaluate-nodes=3 round-timeout=300.0 "
                    "test-frac=0.3 hidden-dim=32 attn-dim=16",
         site_image=images["site"], server_image=images["server"])
-    logs = "\n".join(script.tail(p) for p in sorted(Path(result["logs"]).glob("*.log")))
+    logs = "\n".join(tail(p) for p in sorted(Path(result["logs"]).glob("*.log")))
     assert result["ok"] and result["status"] == "finished:completed", logs
     assert result["tls"] and result["auth"] and set(result["nodes"]) == {"site_1", "site_2", "site_3"}
     assert set(result["containers"]) == {"superlink", "supernode-site_1", "supernode-site_2", "supernode-site_3"}
@@ -185,3 +190,19 @@ def test_supernode_containers_join_a_superlink_container_over_tls(images, tmp_pa
         assert len(lines) >= 4 and Path(log).stat().st_uid == IMAGE_UID, (site, lines)
     left = _run(["podman", "ps", "--all", "--format", "{{.Names}}"]).stdout.split()
     assert not set(result["containers"].values()) & set(left), left  # every container stopped and removed
+
+
+def test_a_whole_rehearsal_runs_inside_the_site_image(images, tmp_path):
+    """``wsi-fl rehearse`` inside one site container, offline: the image carries the app's sources
+    (``$WSI_FL_APP``) that ``flwr run`` ships as the FAB, and every Flower command the rehearsal starts."""
+    cohort, out = tmp_path / "cohort", tmp_path / "out"
+    make_cohort(cohort)
+    grant(writable=[out])
+    argv = ["wsi-fl", "rehearse", "--cohort", str(cohort), "--rounds", "1", "--out", str(out), "--timeout", "600",
+            "--run-config", "min-available-nodes=3 test-frac=0.3 hidden-dim=32 attn-dim=16"]
+    run = _run(run_argv(f"wsi-fl-test-rehearse-{os.getpid()}", images["site"], argv,
+                        [Mount(cohort), Mount(out, writable=True)], network="none"), timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
+    assert "OK: status finished:completed, rounds 1/1" in run.stdout, run.stdout
+    _, ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt.meta["mode"] == "federated" and ckpt.meta["round"] == 1

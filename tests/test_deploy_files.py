@@ -6,16 +6,21 @@ exists or a version pin that drifted from setup.cfg would only show at a hospita
 
 from __future__ import annotations
 
+import io
 import re
 import shutil
 import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import pytest
 import yaml
+from flwr.cli.build import build_fab_from_disk
 from flwr.common.config import parse_config_args
-from scriptload import load_script
 
+from wsi_fl.cli.main import command_names
+from wsi_fl.deploy import image_lock
 from wsi_fl.site.policy import load_policy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,14 +36,22 @@ def test_dockerfile_is_hadolint_clean():
     assert out.returncode == 0, out.stdout + out.stderr
 
 
-def test_image_lock_agrees_with_setup_cfg():
-    lock = load_script("lock_image_requirements")
-    pins, locked = lock.exact_pins(), lock.read_lock()
+def test_image_lock_agrees_with_setup_cfg(tmp_path):
+    pins, locked = image_lock.exact_pins(), image_lock.read_lock()
     assert {"torch", "torchvision", "flwr"} <= set(pins)
     assert {name: locked.get(name) for name in pins} == pins
     assert "ray" not in locked  # SuperNodes and SuperLinks do not run the simulation engine
     assert all(re.fullmatch(r"[0-9][0-9A-Za-z.!]*", v) for v in locked.values()), "every entry an exact version"
-    assert lock.main(["--check"]) == 0
+    assert image_lock.main(["--check"]) == 0
+    drifted = tmp_path / "requirements.txt"  # a lock left behind by a torch upgrade in setup.cfg
+    drifted.write_text(image_lock.LOCK.read_text().replace(f"torch=={pins['torch']}", "torch==0.0.1"))
+    assert image_lock.disagreements(lock=drifted) == {"torch": ("0.0.1", pins["torch"])}
+
+
+def test_lock_script_is_a_thin_driver():
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "lock_image_requirements.py"), "--check"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
 
 
 def test_dockerignore_lets_through_what_the_dockerfile_copies():
@@ -50,6 +63,44 @@ def test_dockerignore_lets_through_what_the_dockerfile_copies():
     assert all((ROOT / src).exists() for src in sources)
 
 
+def test_the_images_app_directory_builds_the_code_of_a_checkouts_fab(tmp_path):
+    """``wsi-fl rehearse`` in an image ships ``$WSI_FL_APP`` as its FAB. The Dockerfile's recipe for it (copy the
+    packages and top-level files, drop ``fab-exclude``, whose patterns would match nothing there), repeated
+    here, gives a directory Flower builds a FAB from, with every Python file a checkout's FAB has."""
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "sed -i '/^fab-exclude = /d' /app/pyproject.toml" in dockerfile
+    assert "COPY --from=app /app /opt/wsi-fl/app" in dockerfile and "WSI_FL_APP=/opt/wsi-fl/app" in dockerfile
+    app = tmp_path / "app"
+    app.mkdir()
+    for source in re.search(r"cp -r (.+) /app/", dockerfile).group(1).split():
+        path = ROOT / source.removeprefix("/src/")
+        if path.is_dir():
+            shutil.copytree(path, app / path.name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(path, app / path.name)
+    pyproject = app / "pyproject.toml"
+    lines = pyproject.read_text().splitlines(keepends=True)
+    pyproject.write_text("".join(line for line in lines if not line.startswith("fab-exclude = ")))
+
+    def code(directory: Path) -> set[str]:
+        with zipfile.ZipFile(io.BytesIO(build_fab_from_disk(directory))) as fab:
+            return {name for name in fab.namelist() if name.endswith(".py")}
+
+    ours = code(app)
+    assert ours == code(ROOT) and {"wsi_fl/server/app.py", "wsi_fl/site/app.py"} <= ours
+
+
+def test_every_command_the_runbook_gives_is_a_wsi_fl_command_and_no_script():
+    """An operator runs what the runbook says, on bare metal or in an image: ``wsi-fl`` commands (in the
+    images' wheel), Flower's own and podman, never ``python scripts/...`` (the images hold no scripts/)."""
+    runbook = (ROOT / "docs" / "hospital-runbook.md").read_text()
+    blocks = "\n".join(re.findall(r"```bash\n(.*?)```", runbook, flags=re.S))
+    named = set(re.findall(r"(?:^|\s)wsi-fl (\w[\w-]*)", blocks, flags=re.M))
+    assert {"rehearse", "certs", "preprocess", "evaluate"} <= named
+    assert named <= set(command_names()), named - set(command_names())
+    assert "scripts/" not in blocks.replace("scripts/build_image.sh", "")
+
+
 def test_compose_federation_matches_the_images_certificates_and_node_config():
     services = yaml.safe_load(COMPOSE.read_text())["services"]
     build = (ROOT / "scripts" / "build_image.sh").read_text()
@@ -59,7 +110,7 @@ def test_compose_federation_matches_the_images_certificates_and_node_config():
     assert "superlink:8000" in services["register"]["command"][0]
     registered = re.findall(r"for site in ([\w ]+); do", services["register"]["command"][0])[0].split()
     assert registered == list(SITES)
-    tls_files = {"ca.crt", "server.pem", "server.key"}  # what wsi_fl.deploy.certs writes (and make_certs.py)
+    tls_files = {"ca.crt", "server.pem", "server.key"}  # what wsi_fl.deploy.certs writes (wsi-fl certs)
     link_mounts = {v.split(":")[0] for v in services["superlink"]["volumes"] if v.startswith("./certs/")}
     assert link_mounts == {f"./certs/{name}" for name in tls_files}
     policy = load_policy(COMPOSE.parent / "demo-policy.toml")

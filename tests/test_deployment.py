@@ -3,7 +3,7 @@
 What only a deployment exercises: the FAB built from ``pyproject.toml``, the
 ServerApp and ClientApps importing ``wsi_fl`` in their own subprocesses, sites
 found through node config, the run config parsed from ``flwr run``, and every
-process stopped afterwards (``scripts/run_local_federation.py``).
+process stopped afterwards (:mod:`wsi_fl.engines.deployment`, ``wsi-fl rehearse``).
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 from bagsites import make_cohort
-from scriptload import load_script
 
 from models.checkpoint import load_checkpoint
-
-ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "scripts" / "run_local_federation.py"
+from wsi_fl.cli.main import main
+from wsi_fl.engines import deployment
+from wsi_fl.engines._flower import flower_env
+from wsi_fl.engines._processes import Processes, is_running, tail, with_environment
 
 
 def _left_running(flwr_home: Path) -> list[int]:
@@ -39,10 +39,28 @@ def _left_running(flwr_home: Path) -> list[int]:
     return found
 
 
-def test_script_help():
-    out = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=120)
+def test_rehearse_help():
+    out = subprocess.run([sys.executable, "-m", "wsi_fl", "rehearse", "--help"], capture_output=True, text=True,
+                         timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "--cohort" in out.stdout and "--rounds" in out.stdout and "insecure" in out.stdout
+    for option in ("--cohort", "--rounds", "--out", "--app", "--kill-site", "--unregistered-site", "--policy",
+                   "--insecure", "--site-image", "--server-image", "--run-config", "--workdir", "--timeout"):
+        assert option in out.stdout, option
+
+
+def test_rehearse_refuses_bad_options_before_starting_anything(tmp_path, capsys):
+    """A site the cohort lacks, a run config that sets what ``--rounds`` sets, or an app that is not wsi-fl's:
+    exit 2 with one line, and no process started (no logs written)."""
+    make_cohort(tmp_path / "cohort", sizes=(4, 4))
+    common = ["rehearse", "--cohort", str(tmp_path / "cohort"), "--out", str(tmp_path / "out")]
+    for extra, message in ((["--kill-site", "site_9"], "--kill-site 'site_9': not a site of"),
+                           (["--run-config", "num-server-rounds=4"], "set num-server-rounds with --rounds"),
+                           (["--app", str(tmp_path)], f"--app {tmp_path}: not the wsi-fl Flower app")):
+        work = tmp_path / f"work-{extra[0]}"
+        assert main([*common, "--workdir", str(work), *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("wsi-fl rehearse: error: ") and message in err and err.count("\n") == 1, err
+        assert not list(work.glob("logs/*.log")), "no process was started"
 
 
 def test_stop_all_stops_an_orphan_started_after_the_snapshot(tmp_path):
@@ -51,9 +69,8 @@ def test_stop_all_stops_an_orphan_started_after_the_snapshot(tmp_path):
     Such a process is in no list taken before the stop; ``stop_all`` finds it by the run's ``FLWR_HOME`` in its
     environment and stops it. The caller, whose environment the orphan's parent was given, is not touched.
     """
-    script = load_script("run_local_federation")
     flwr_home = tmp_path / "flwr-home"
-    procs = script.Processes(tmp_path, script.flower_env(flwr_home))
+    procs = Processes(tmp_path, flower_env(flwr_home))
     pidfile = tmp_path / "orphan.pid"
     # The SuperNode stand-in starts a grandchild in a session of its own, records its PID, and keeps running;
     # the grandchild ignores SIGTERM, so only the SIGKILL round ends it.
@@ -70,9 +87,9 @@ def test_stop_all_stops_an_orphan_started_after_the_snapshot(tmp_path):
     try:
         os.kill(procs.started["supernode-site_1"].pid, 9)  # its parent dies first: the orphan leaves the tree
         procs.started["supernode-site_1"].wait()
-        assert orphan_pid in script.with_environment(f"FLWR_HOME={flwr_home}")
+        assert orphan_pid in with_environment(f"FLWR_HOME={flwr_home}")
         procs.stop_all(grace=2)
-        assert not script.is_running(orphan_pid)
+        assert not is_running(orphan_pid)
         assert _left_running(flwr_home) == []
     finally:  # a failure here must not leave the orphan behind for the rest of the suite
         with contextlib.suppress(ProcessLookupError):
@@ -84,16 +101,15 @@ def test_local_deployment_survives_a_killed_supernode(tmp_path):
     """Three SuperNodes on loopback; site_3's SuperNode (and its app processes) is SIGKILLed after round 1.
 
     The run must still complete all rounds with the two sites left (``min-train-nodes=2``), and every process
-    the script started must be gone afterwards.
+    the rehearsal started must be gone afterwards.
     """
-    script = load_script("run_local_federation")
     make_cohort(tmp_path / "cohort")
     out, work = tmp_path / "out", tmp_path / "work"
-    result = script.run_local_federation(
+    result = deployment.rehearse(
         tmp_path / "cohort", out, rounds=3, workdir=work, timeout=900, kill_site="site_3", kill_after_round=1,
         run_config="min-available-nodes=3 min-train-nodes=2 min-evaluate-nodes=2 round-timeout=60.0 "
                    "test-frac=0.3 hidden-dim=32 attn-dim=16")
-    logs = "\n".join(script.tail(p) for p in sorted(Path(result["logs"]).glob("*.log")))
+    logs = "\n".join(tail(p) for p in sorted(Path(result["logs"]).glob("*.log")))
     assert result["status"] == "finished:completed", logs
     assert result["ok"] and result["rounds_completed"] == 3
     assert result["killed"] == {"site_3": 1}

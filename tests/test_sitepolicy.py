@@ -16,9 +16,9 @@ import pytest
 import tomli_w
 from bagsites import DIM, make_cohort, make_site
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
-from scriptload import load_script
 
 from models import create_model, list_models
+from wsi_fl.engines import deployment
 from wsi_fl.engines.inline import InlineGrid
 from wsi_fl.federation import arrays as fedarrays
 from wsi_fl.federation.config import FedConfig
@@ -302,15 +302,14 @@ def test_federation_goes_on_without_the_site_that_refuses(tmp_path, caplog):
 # -- the local deployment passes superlink, policy and audit-log, and refuses a SuperLink the policy does not allow
 
 def test_local_federation_gives_each_supernode_its_policy_and_refuses_a_disallowed_superlink(tmp_path):
-    script = load_script("run_local_federation")
-    written = script.site_policy(None, "127.0.0.1:4242", tmp_path)
+    written = deployment.site_policy(None, "127.0.0.1:4242", tmp_path)
     assert load_policy(written) == SitePolicy(min_train_bags=1, min_eval_slides=1, allow_site_metrics=True,
                                               superlink=("127.0.0.1:4242",))
-    config = script.node_config(tmp_path / "f", tmp_path / "l.csv", "site_1", superlink="127.0.0.1:4242",
-                                policy=str(written), audit_log=str(tmp_path / "a.jsonl"))
+    config = deployment.node_config(tmp_path / "f", tmp_path / "l.csv", "site_1", superlink="127.0.0.1:4242",
+                                    policy=str(written), audit_log=str(tmp_path / "a.jsonl"))
     assert f"superlink='127.0.0.1:4242' policy='{written}' audit-log='{tmp_path / 'a.jsonl'}'" in config
     make_cohort(tmp_path / "cohort", sizes=(6, 6))
     own = write_policy(tmp_path / "own.toml", 'superlink = ["fl.example.org:9092"]\n')
     with pytest.raises(ValueError, match=r"SuperLink 127\.0\.0\.1:\d+ is not allowed .*no SuperNode started"):
-        script.run_local_federation(tmp_path / "cohort", tmp_path / "out", 1, workdir=tmp_path / "work", policy=own)
+        deployment.rehearse(tmp_path / "cohort", tmp_path / "out", 1, workdir=tmp_path / "work", policy=own)
     assert not list((tmp_path / "work" / "logs").glob("*.log")), "no process was started"

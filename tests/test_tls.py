@@ -1,8 +1,8 @@
 """TLS certificates and SuperNode keys (:mod:`wsi_fl.deploy.certs`), and a deployment with TLS and authentication on.
 
-The slow test runs ``scripts/run_local_federation.py`` as a hospital federation would run: HTTPS everywhere,
-only registered SuperNodes admitted. One extra SuperNode with an unregistered key must be refused while the
-three registered sites train.
+The slow test rehearses a federation (:func:`wsi_fl.engines.deployment.rehearse`, ``wsi-fl rehearse``) as a
+hospital federation would run: HTTPS everywhere, only registered SuperNodes admitted. One extra SuperNode
+with an unregistered key must be refused while the three registered sites train.
 """
 
 from __future__ import annotations
@@ -28,13 +28,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.verification import PolicyBuilder, Store
-from scriptload import load_script
 from test_deployment import _left_running
 
+from wsi_fl.cli.main import main
 from wsi_fl.deploy import certs as tlscerts
 from wsi_fl.deploy.certs import write_supernode_keys, write_tls_certificates
-
-ROOT = Path(__file__).resolve().parent.parent
+from wsi_fl.engines import deployment
+from wsi_fl.engines._flower import CONNECTION, write_flwr_config
+from wsi_fl.engines._processes import tail
 
 
 def _mode(path: Path) -> int:
@@ -175,39 +176,39 @@ def test_no_half_written_files(tmp_path, monkeypatch):
     assert list((tmp_path / "keys").iterdir()) == []
 
 
-def test_make_certs_cli(tmp_path):
-    script = ROOT / "scripts" / "make_certs.py"
-    out = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=60)
+def test_certs_command(tmp_path, capsys):
+    out = subprocess.run([sys.executable, "-m", "wsi_fl", "certs", "--help"], capture_output=True, text=True,
+                         timeout=60)
     assert out.returncode == 0 and "--hosts" in out.stdout and "--sites" in out.stdout
-    cmd = [sys.executable, str(script), "--out", str(tmp_path / "c"), "--hosts", "localhost", "127.0.0.1",
-           "--sites", "site_1", "site_2"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
+    argv = ["certs", "--out", str(tmp_path / "c"), "--hosts", "localhost", "127.0.0.1", "--sites", "site_1", "site_2"]
+    assert main(argv) == 0
+    assert "SuperLink: " in capsys.readouterr().out
     names = {p.relative_to(tmp_path / "c").as_posix() for p in (tmp_path / "c").rglob("*") if p.is_file()}
     assert names == {"ca.crt", "ca.key", "server.pem", "server.key", "supernodes/site_1", "supernodes/site_1.pub",
                      "supernodes/site_2", "supernodes/site_2.pub"}
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-    assert again.returncode == 1 and "already exists" in again.stderr and again.stderr.count("\n") == 1
-    bad = subprocess.run([*cmd[:3], str(tmp_path / "d"), "--hosts", "localhost", "--sites", "../x"],
-                         capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 1 and "key file name" in bad.stderr and not (tmp_path / "d").exists()
+    assert main(argv) == 2  # a usage error: one line, nothing replaced
+    err = capsys.readouterr().err
+    assert err.startswith("wsi-fl certs: error: ") and "already exists" in err and err.count("\n") == 1, err
+    assert main([*argv, "--overwrite"]) == 0
+    assert main(["certs", "--out", str(tmp_path / "d"), "--hosts", "localhost", "--sites", "../x"]) == 2
+    assert "key file name" in capsys.readouterr().err and not (tmp_path / "d").exists()  # checked before writing
+    assert main(["certs", "--out", str(tmp_path / "e"), "--hosts", "localhost", "127.0.0.300"]) == 2
+    assert "not a valid IP address" in capsys.readouterr().err and not (tmp_path / "e").exists()
 
 
 def test_flwr_connection_uses_the_ca(tmp_path):
-    script = load_script("run_local_federation")
-    script.write_flwr_config(tmp_path / "home", 9093, tmp_path / "tls" / "ca.crt")
-    connection = tomllib.loads((tmp_path / "home" / "config.toml").read_text())["superlink"][script.CONNECTION]
+    write_flwr_config(tmp_path / "home", 9093, tmp_path / "tls" / "ca.crt")
+    connection = tomllib.loads((tmp_path / "home" / "config.toml").read_text())["superlink"][CONNECTION]
     assert connection == {"address": "127.0.0.1:9093", "insecure": False,
                           "root-certificates": str((tmp_path / "tls" / "ca.crt").resolve())}
-    script.write_flwr_config(tmp_path / "home", 9093)
-    connection = tomllib.loads((tmp_path / "home" / "config.toml").read_text())["superlink"][script.CONNECTION]
+    write_flwr_config(tmp_path / "home", 9093)
+    connection = tomllib.loads((tmp_path / "home" / "config.toml").read_text())["superlink"][CONNECTION]
     assert connection == {"address": "127.0.0.1:9093", "insecure": True}
     make_cohort(tmp_path / "cohort", sizes=(4, 4))
     with pytest.raises(ValueError, match="--insecure"):
-        script.run_local_federation(tmp_path / "cohort", tmp_path / "out", 1, insecure=True,
-                                    unregistered_site="site_1")
+        deployment.rehearse(tmp_path / "cohort", tmp_path / "out", 1, insecure=True, unregistered_site="site_1")
     with pytest.raises(ValueError, match="not a site"):
-        script.run_local_federation(tmp_path / "cohort", tmp_path / "out", 1, unregistered_site="site_9")
+        deployment.rehearse(tmp_path / "cohort", tmp_path / "out", 1, unregistered_site="site_9")
 
 
 @pytest.mark.slow
@@ -215,22 +216,21 @@ def test_tls_federation_refuses_an_unregistered_supernode(tmp_path):
     """TLS and SuperNode authentication on (the default); site_3 also has an impostor with an unregistered key.
 
     The SuperLink refuses the impostor (Flower exit code 305, API error 2004), the three registered sites train
-    round 1, and every process the script started is gone afterwards.
+    round 1, and every process the rehearsal started is gone afterwards.
     """
-    script = load_script("run_local_federation")
     make_cohort(tmp_path / "cohort")
     out, work = tmp_path / "out", tmp_path / "work"
-    result = script.run_local_federation(
+    result = deployment.rehearse(
         tmp_path / "cohort", out, rounds=1, workdir=work, timeout=600, unregistered_site="site_3",
         run_config="min-available-nodes=3 test-frac=0.3 hidden-dim=32 attn-dim=16")
     logs = Path(result["logs"])
-    tails = "\n".join(script.tail(p) for p in sorted(logs.glob("*.log")))
+    tails = "\n".join(tail(p) for p in sorted(logs.glob("*.log")))
     assert result["status"] == "finished:completed", tails
     assert result["ok"] and result["tls"] and result["auth"], tails
     refused = result["unregistered"]
     assert refused["site"] == "site_3" and refused["refused"] and refused["exit_code"] == 1, (refused, tails)
     impostor_log = (logs / "unregistered-site_3.log").read_text()
-    assert all(marker in impostor_log for marker in script.REFUSED_MARKERS), impostor_log
+    assert all(marker in impostor_log for marker in deployment.REFUSED_MARKERS), impostor_log
     superlink_log = (logs / "superlink.log").read_text()
     assert "Uvicorn running on https://" in superlink_log  # HTTPS, not HTTP
     assert "ApiError:2004" in superlink_log and "No SuperNode found with the given public key" in superlink_log

@@ -13,10 +13,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
+from wsi_fl.errors import ConfigError
+
 F = TypeVar("F", bound=Callable)
 
 
-class UnknownNameError(KeyError, ValueError):
+class UnknownNameError(ConfigError, KeyError):
     """A name no factory is registered under; ``str(err)`` lists the registered names.
 
     A ``ValueError`` as well as a ``KeyError``: for a caller the name is a bad value, for a mapping a missing key.

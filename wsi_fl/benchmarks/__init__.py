@@ -7,7 +7,7 @@ code its results were produced with.
 from wsi_fl._lazy import lazy_exports
 
 _EXPORTS = {
-    "BenchmarkConfig": "mil",
+    "BenchmarkConfig": "mil_config",
     "run_mil_benchmark": "mil",
 }
 __all__ = sorted(_EXPORTS)

@@ -14,35 +14,17 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from models import MILConfig, create_model
+from models import create_model
+from wsi_fl.benchmarks.mil_config import BenchmarkConfig  # stdlib-only, for the CLI; importable from here too
 from wsi_fl.mil.data import TableBagDataset
 from wsi_fl.mil.splits import patient_kfold, train_val_split
-from wsi_fl.mil.training import TrainConfig, auc_score, predict, train_model
-
-
-@dataclass(frozen=True)
-class BenchmarkConfig:
-    folds: int = 10
-    repeats: int = 5
-    model: str = "gated_attention"
-    seed: int = 0
-    val_frac: float = 0.1
-    # Fixed epochs on every training bag: holding out 10 % of ~80 bags to pick an epoch cost more than it
-    # gained (Musk1 attention, 2 repeats: 0.872 with early stopping on validation loss, 0.898 without; Fox 0.587
-    # vs 0.610).
-    # No class weighting: the four tables are near-balanced, and the published comparison was measured without
-    # it (until the BagCrossEntropy fix, weights cancelled at one bag per step, so "on" trained unweighted).
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=40, lr=5e-4, weight_decay=1e-3,
-                                                                   early_stopping="none", class_weighting=False))
-    threads: int | None = 1  # tiny models: one thread avoids OpenMP overhead per step
-    # Architecture template; ``model``, ``in_dim`` and ``n_classes`` are filled in from the data and ``model``.
-    mil: MILConfig = field(default_factory=MILConfig)
+from wsi_fl.mil.training import auc_score, predict, train_model
 
 
 def standardise(train: TableBagDataset, *others: TableBagDataset) -> list[TableBagDataset]:

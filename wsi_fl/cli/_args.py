@@ -1,8 +1,10 @@
 """Expose a config dataclass's fields as command-line options, so the CLI never duplicates defaults.
 
-Each field becomes ``--<prefix><field-name>`` with the field's type and default;
-its help text is the field's ``metadata["help"]`` when present. Adding a
-parameter to a dataclass is then all it takes to make it settable.
+Each field becomes ``--<prefix><field-name>`` (or ``--<prefix><metadata["option"]>``
+where the option's name predates the field's) with the field's type and
+default; its help text is the field's ``metadata["help"]`` when present.
+Adding a parameter to a dataclass is then all it takes to make it settable.
+Standard library only: subcommands call it while building ``--help``.
 """
 
 from __future__ import annotations
@@ -54,16 +56,19 @@ def add_dataclass_args(group: argparse._ActionsContainer, cls: type, prefix: str
             tp = _bool
         default = f.default if f.default is not dataclasses.MISSING else None
         help_text = f.metadata.get("help", "")
+        option = f.metadata.get("option", f.name).replace("_", "-")
         group.add_argument(
-            f"--{prefix}{f.name.replace('_', '-')}", dest=f"{prefix.replace('-', '_')}{f.name}",
+            f"--{prefix}{option}", dest=f"{prefix.replace('-', '_')}{f.name}",
             type=tp, default=default, choices=_choices(hints[f.name]),
-            metavar=None if _choices(hints[f.name]) else f.name.upper(),
+            metavar=None if _choices(hints[f.name]) else option.replace("-", "_").upper(),
             help=f"{help_text} (default: {default})".strip(),
         )
 
 
-def dataclass_from_args(cls: type[T], args: argparse.Namespace, prefix: str = "", **fixed: Any) -> T:
-    """Build ``cls`` from the parsed options; ``fixed`` supplies fields that were excluded from the CLI."""
+def dataclass_from_args(cls: type[T], args: argparse.Namespace, prefix: str = "", exclude: tuple[str, ...] = (),
+                        **fixed: Any) -> T:
+    """Build ``cls`` from the parsed options; ``fixed`` supplies fields that were excluded from the CLI,
+    fields in ``exclude`` keep their defaults."""
     values = {f.name: getattr(args, f"{prefix.replace('-', '_')}{f.name}")
-              for f in dataclasses.fields(cls) if f.name not in fixed}
+              for f in dataclasses.fields(cls) if f.name not in fixed and f.name not in exclude}
     return cls(**values, **fixed)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from wsi_fl.cli._common import EXIT_FAILED, EXIT_OK
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run the main job on a synthetic three-site cohort", description=__doc__)
@@ -20,10 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from wsi_fl.cli.main import EXIT_FAILED, EXIT_OK
+    from wsi_fl.demo import compare_demo_models, format_reports, run_demo, train_demo_model
     from wsi_fl.evaluation.compare import format_table
-
-    from .demo import compare_demo_models, format_reports, run_demo, train_demo_model
 
     reports = run_demo(args.out, sites=args.sites, slides_per_site=args.slides_per_site, seed=args.seed,
                        progress=not args.quiet)

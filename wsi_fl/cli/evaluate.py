@@ -7,8 +7,12 @@ than the checkpoint was trained on.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
+
+from wsi_fl.cli._args import add_dataclass_args, dataclass_from_args
+from wsi_fl.cli._common import EXIT_OK
+from wsi_fl.evaluation.options import EvalOptions
+from wsi_fl.mil.config import SplitConfig
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,29 +21,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--features", type=Path, required=True, help="feature directory (from wsi-fl preprocess)")
     p.add_argument("--labels", type=Path, required=True, help="labels CSV slide_id,label[,patient_id]")
     p.add_argument("--out", type=Path, required=True, help="report directory")
-    p.add_argument("--label-col", default="label")
-    p.add_argument("--threshold", type=float, default=0.5, help="on P(positive class) (default: 0.5)")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the AUC CI")
-    p.add_argument("--seed", type=int, default=0)
+    add_dataclass_args(p, SplitConfig, exclude=("val_frac", "test_frac"))  # --label-col
+    add_dataclass_args(p, EvalOptions, exclude=("heatmap_slides", "top_tiles"))
     p.add_argument("--slides", type=Path, nargs="+", default=[], metavar="DIR",
                    help="where the slide files are (for heatmap images)")
     p.add_argument("--heatmap-slides", nargs="+", default=[], metavar="SLIDE_ID", help="slides to draw")
-    p.add_argument("--heatmap-top-k", type=int, default=0, help="also draw the k slides most likely positive")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from wsi_fl.cli.main import UsageError
-    from wsi_fl.evaluation.evaluate import EvalOptions, evaluate_checkpoint
+    # A checkpoint, labels file or feature directory that does not fit is a project error (CheckpointError,
+    # BagDataError, ProvenanceError), reported in one line by wsi_fl.cli.main.
+    opts = dataclass_from_args(EvalOptions, args, exclude=("top_tiles",), heatmap_slides=tuple(args.heatmap_slides))
+    import json
 
-    opts = EvalOptions(threshold=args.threshold, n_bootstrap=args.bootstrap, seed=args.seed,
-                       heatmap_slides=tuple(args.heatmap_slides), heatmap_top_k=args.heatmap_top_k)
-    try:
-        m = evaluate_checkpoint(args.model, args.features, args.labels, args.out, label_col=args.label_col,
-                                slide_dirs=args.slides, opts=opts)
-    except ValueError as err:
-        raise UsageError(str(err)) from err
+    from wsi_fl.evaluation.evaluate import evaluate_checkpoint
+
+    m = evaluate_checkpoint(args.model, args.features, args.labels, args.out, label_col=args.label_col,
+                            slide_dirs=args.slides, opts=opts)
     keys = ("n", "auc", "auc_ci95", "accuracy", "balanced_accuracy", "sensitivity", "specificity", "brier")
     print(json.dumps({k: m.get(k) for k in keys}))
     print(f"report: {args.out}")
-    return 0
+    return EXIT_OK

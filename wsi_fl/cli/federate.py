@@ -11,15 +11,14 @@ them), ``metrics.jsonl``, ``metrics.png`` and ``state.pt`` (for ``--resume``).
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from wsi_fl.cli._args import add_dataclass_args, dataclass_from_args
+from wsi_fl.cli._common import EXIT_OK
+from wsi_fl.federation.config import FedConfig
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from wsi_fl.federation.config import FedConfig
-
     p = sub.add_parser("federate", help="federated training of a cohort's sites in Flower's simulation engine",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cohort", type=Path, required=True, help="directory of sites (<site>/labels.csv, features/)")
@@ -30,20 +29,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from wsi_fl.cli.main import UsageError
-    from wsi_fl.engines.simulation import simulate
-    from wsi_fl.federation.config import FedConfig
-    from wsi_fl.server.loop import FederationError
-    from wsi_fl.site.data import SiteConfigError
+    # A bad run config (ConfigError), cohort (SiteConfigError) or federation (FederationError) is a project
+    # error, reported in one line by wsi_fl.cli.main.
+    cfg = dataclass_from_args(FedConfig, args, out_dir=str(args.out))
+    import json
 
-    try:
-        cfg = dataclass_from_args(FedConfig, args, out_dir=str(args.out))
-        result = simulate(args.cohort, cfg, cpus_per_site=args.cpus_per_site)
-    except (ValueError, SiteConfigError, FederationError) as err:
-        raise UsageError(str(err)) from err
+    from wsi_fl.engines.simulation import simulate
+
+    result = simulate(args.cohort, cfg, cpus_per_site=args.cpus_per_site)
     last = result.history[-1] if result.history else {}
     print(f"federated {cfg.strategy}: {result.rounds_completed} rounds; best round {result.best_round}")
     print("last round:", json.dumps({k: last.get(k) for k in ("val-auc", "val-loss", "test-auc", "test-accuracy",
                                                              "bytes-per-client")}))
     print(f"models: {args.out}/best.pt, {args.out}/last.pt; metrics: {args.out}/metrics.jsonl, metrics.png")
-    return 0
+    return EXIT_OK

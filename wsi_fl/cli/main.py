@@ -3,19 +3,34 @@
 Every subcommand parses its options, calls one library function and turns the
 outcome into an exit code: 0 success, 1 some slide failed, 2 bad usage or
 input, 130 interrupted (Ctrl-C or SIGTERM).
+
+Building the parser imports only the standard library and the stdlib-only
+config dataclasses the options come from; a subcommand imports its heavy work
+(torch, Flower, OpenSlide...) when it runs. So ``wsi-fl --help`` and every
+``wsi-fl <command> --help`` answer at once (``tests/test_cli.py`` checks what
+they import; ``scripts/bench_startup.py`` times them).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import signal
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
+from preprocessing.errors import PreprocessingError
 from wsi_fl import __version__
+from wsi_fl.cli._common import EXIT_INTERRUPTED, EXIT_USAGE
+from wsi_fl.errors import WsiFlError
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+#: The subcommands' modules (under wsi_fl.cli), in the order ``--help`` lists them. Each has
+#: ``register(sub)``, which adds its parser, and ``run(args) -> int``.
+COMMANDS = ("synth", "preprocess", "train", "federate", "evaluate", "mil_benchmark", "rehearse", "certs", "demo")
+
+#: What a subcommand raises on purpose about its inputs or settings: a one-line message and exit code 2.
+#: Anything else is a bug and keeps its traceback.
+PROJECT_ERRORS = (WsiFlError, PreprocessingError)
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:
@@ -26,50 +41,48 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from wsi_fl.cli import demo as cmd_demo
-    from wsi_fl.cli import evaluate as cmd_evaluate
-    from wsi_fl.cli import federate as cmd_federate
-    from wsi_fl.cli import mil_benchmark as cmd_mil_benchmark
-    from wsi_fl.cli import preprocess as cmd_preprocess
-    from wsi_fl.cli import synth as cmd_synth
-    from wsi_fl.cli import train as cmd_train
-
     parser = argparse.ArgumentParser(prog="wsi-fl", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"wsi-fl {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (cmd_synth, cmd_preprocess, cmd_train, cmd_federate, cmd_evaluate, cmd_mil_benchmark, cmd_demo):
-        module.register(sub)
+    for name in COMMANDS:
+        importlib.import_module(f"wsi_fl.cli.{name}").register(sub)
     return parser
 
 
+def command_names(parser: argparse.ArgumentParser | None = None) -> list[str]:
+    """The subcommands as typed on the command line (``synth-cohort``, ``mil-benchmark``...), in ``--help`` order."""
+    parser = parser or build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return list(sub.choices)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    if argv is None:  # a real process: make CPU torch fast before anything is imported
+    args = build_parser().parse_args(argv)  # --help and bad options end here, before anything heavy
+    if argv is None:  # a real process: make CPU torch fast before torch is imported
         from preprocessing.runtime import ensure_fast_allocator
 
         ensure_fast_allocator()
-    args = build_parser().parse_args(argv)
+    return dispatch(args)
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    """Run the parsed command (``args.func``) and turn its outcome into an exit code.
+
+    A project error (:data:`PROJECT_ERRORS`) is the user's to fix: one line on stderr, exit code 2. Any
+    other exception propagates with its traceback, because it is a bug to report, not a message to read.
+    """
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         return int(args.func(args))
     except KeyboardInterrupt:
         print("wsi-fl: interrupted; finished slides are recorded, nothing partial is left", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except UsageError as err:
-        print(f"wsi-fl {args.command}: error: {err}", file=sys.stderr)
+    except PROJECT_ERRORS as err:
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"wsi-fl {args.command}: error: {message}", file=sys.stderr)
         return EXIT_USAGE
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-class UsageError(Exception):
-    """Bad options or inputs detected before any work starts (exit code 2)."""
-
-
-def existing_file(text: str) -> Path:
-    path = Path(text)
-    if not path.is_file():
-        raise argparse.ArgumentTypeError(f"{text}: no such file")
-    return path
 
 
 if __name__ == "__main__":

@@ -13,13 +13,12 @@ import argparse
 from collections import Counter
 from pathlib import Path
 
+from preprocessing.params import TilingParams, TissueParams
 from wsi_fl.cli._args import add_dataclass_args, dataclass_from_args
+from wsi_fl.cli._common import EXIT_FAILED, EXIT_OK, UsageError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from preprocessing.tiling import TilingParams
-    from preprocessing.tissue import TissueParams
-
     p = sub.add_parser("preprocess", help="slides -> per-slide HDF5 feature files", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--slides", nargs="+", required=True, metavar="PATH",
@@ -55,7 +54,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from preprocessing.encoders import EncoderError
+    # Bad options and inputs (shard, MPP table, encoder, manifests) raise preprocessing's own errors, which
+    # wsi_fl.cli.main reports in one line; anything else is a bug and keeps its traceback.
+    tiling = dataclass_from_args(TilingParams, args)  # checked before the heavy imports below
+    tissue = dataclass_from_args(TissueParams, args, prefix="tissue-")
     from preprocessing.mpp import read_mpp_csv
     from preprocessing.pipeline import (
         PreprocessConfig,
@@ -65,33 +67,25 @@ def run(args: argparse.Namespace) -> int:
         read_manifest,
         run_preprocess,
     )
-    from preprocessing.tiling import TilingParams
-    from preprocessing.tissue import TissueParams
-    from wsi_fl.cli.main import EXIT_FAILED, EXIT_OK, UsageError
 
-    try:
-        cfg = PreprocessConfig(
-            out_dir=args.out,
-            tiling=dataclass_from_args(TilingParams, args),
-            tissue=dataclass_from_args(TissueParams, args, prefix="tissue-"),
-            encoder=args.encoder, weights=args.weights, random_init=args.random_init,
-            feature_dtype=args.feature_dtype, batch_size=args.batch_size, num_workers=args.num_workers,
-            device=args.device, mpp_table=read_mpp_csv(args.mpp_csv) if args.mpp_csv else {},
-            default_mpp=args.default_mpp, overwrite=args.overwrite, qc=not args.no_qc, progress=not args.quiet,
-        )
-        shard = parse_shard(args.shard) if args.shard else None
-        slides = discover_slides(args.slides)
-        if not slides:
-            raise UsageError(f"no slide files found in {' '.join(args.slides)}")
-        if args.merge_manifests:
-            if shard:
-                raise UsageError("--merge-manifests joins the manifests of every shard: leave out --shard")
-            rows = read_manifest(merge_manifests(args.out, slides))
-            print(f"merged shard manifests -> {args.out / 'manifest.csv'}")
-        else:
-            rows = [vars(r) for r in run_preprocess(slides, cfg, shard=shard)]
-    except (ValueError, EncoderError) as err:
-        raise UsageError(str(err)) from err
+    cfg = PreprocessConfig(
+        out_dir=args.out,
+        tiling=tiling, tissue=tissue, encoder=args.encoder, weights=args.weights, random_init=args.random_init,
+        feature_dtype=args.feature_dtype, batch_size=args.batch_size, num_workers=args.num_workers,
+        device=args.device, mpp_table=read_mpp_csv(args.mpp_csv) if args.mpp_csv else {},
+        default_mpp=args.default_mpp, overwrite=args.overwrite, qc=not args.no_qc, progress=not args.quiet,
+    )
+    shard = parse_shard(args.shard) if args.shard else None
+    slides = discover_slides(args.slides)
+    if not slides:
+        raise UsageError(f"no slide files found in {' '.join(args.slides)}")
+    if args.merge_manifests:
+        if shard:
+            raise UsageError("--merge-manifests joins the manifests of every shard: leave out --shard")
+        rows = read_manifest(merge_manifests(args.out, slides))
+        print(f"merged shard manifests -> {args.out / 'manifest.csv'}")
+    else:
+        rows = [vars(r) for r in run_preprocess(slides, cfg, shard=shard)]
     counts = Counter(r["status"] for r in rows)
     tiles = sum(int(r["n_tiles"]) for r in rows)
     print(f"{len(rows)} slides: {counts['ok']} ok, {counts['skipped']} skipped, {counts['failed']} failed;"

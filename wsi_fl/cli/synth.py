@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from wsi_fl.cli._common import EXIT_OK, UsageError
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("synth-cohort", help="generate a synthetic multi-site cohort (slides + labels)",
@@ -18,13 +20,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from preprocessing.synth import generate_cohort
-    from wsi_fl.cli.main import UsageError
-
     if args.sites < 1 or args.slides_per_site < 1:
         raise UsageError("--sites and --slides-per-site must be at least 1")
+    from preprocessing.synth import generate_cohort
+
     sites = generate_cohort(args.out, sites=args.sites, slides_per_site=args.slides_per_site, seed=args.seed,
                             progress=not args.quiet)
     for s in sites:
         print(f"{s.site}: {s.n_slides} slides ({s.n_positive} positive), {s.n_patients} patients -> {s.slides_dir}")
-    return 0
+    return EXIT_OK

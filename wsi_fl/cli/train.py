@@ -9,16 +9,15 @@ directory (from ``wsi-fl preprocess``) and labels file
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
+from models.config import MILConfig
 from wsi_fl.cli._args import add_dataclass_args, dataclass_from_args
+from wsi_fl.cli._common import EXIT_OK, UsageError
+from wsi_fl.mil.config import SplitConfig, TrainConfig
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from models import MILConfig
-    from wsi_fl.mil.training import TrainConfig
-
     p = sub.add_parser("train", help="train an attention-MIL model on one or several sites' features",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--site", nargs=3, action="append", metavar=("NAME", "FEATURES_DIR", "LABELS_CSV"),
@@ -26,9 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--features", type=Path, help="shortcut for one site: feature directory")
     p.add_argument("--labels", type=Path, help="shortcut for one site: labels CSV")
     p.add_argument("--out", type=Path, required=True, help="output directory (model.pt, splits, history, test/)")
-    p.add_argument("--label-col", default="label", help="outcome column of the labels files (default: label)")
-    p.add_argument("--val-frac", type=float, default=0.15, help="validation share of patients (default: 0.15)")
-    p.add_argument("--test-frac", type=float, default=0.2, help="test share of patients (default: 0.2)")
+    add_dataclass_args(p.add_argument_group("data and splits"), SplitConfig)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_dataclass_args(p.add_argument_group("model"), MILConfig, exclude=("in_dim", "n_classes"))
     add_dataclass_args(p.add_argument_group("optimisation"), TrainConfig)
@@ -36,10 +33,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from models import MILConfig
-    from wsi_fl.cli.main import UsageError
+    # The settings are checked before any site is read (ConfigError); a bad labels file, too few patients or
+    # an unknown model name are project errors too, reported in one line by wsi_fl.cli.main.
+    model = dataclass_from_args(MILConfig, args, in_dim=1, n_classes=2)  # both derived from the data
+    train = dataclass_from_args(TrainConfig, args)
+    split = dataclass_from_args(SplitConfig, args)
+    import json
+
     from wsi_fl.mil.fit import Site, fit
-    from wsi_fl.mil.training import TrainConfig
 
     sites = [Site(name, Path(f), Path(lab)) for name, f, lab in (args.site or [])]
     if args.features or args.labels:
@@ -48,16 +49,11 @@ def run(args: argparse.Namespace) -> int:
         sites.append(Site(args.features.parent.name or "site", args.features, args.labels))
     if not sites:
         raise UsageError("give at least one --site NAME FEATURES_DIR LABELS_CSV (or --features and --labels)")
-    try:
-        model = dataclass_from_args(MILConfig, args, in_dim=1, n_classes=2)  # both derived from the data
-        train = dataclass_from_args(TrainConfig, args)
-        result = fit(sites, args.out, model=model, train=train, label_col=args.label_col, val_frac=args.val_frac,
-                     test_frac=args.test_frac, progress=not args.quiet)
-    except ValueError as err:
-        raise UsageError(str(err)) from err
+    result = fit(sites, args.out, model=model, train=train, label_col=split.label_col, val_frac=split.val_frac,
+                 test_frac=split.test_frac, progress=not args.quiet)
     print(f"model: {result.checkpoint} (best epoch {result.best_epoch}; splits {result.split_sizes})")
     if result.test_metrics:
         m = result.test_metrics
         keys = ("n", "auc", "auc_ci95", "accuracy", "balanced_accuracy", "sensitivity", "specificity", "brier")
         print("test:", json.dumps({k: m.get(k) for k in keys}))
-    return 0
+    return EXIT_OK

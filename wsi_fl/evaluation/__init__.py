@@ -8,7 +8,7 @@ feature directory at any time.
 from wsi_fl._lazy import lazy_exports
 
 _EXPORTS = {
-    "EvalOptions": "evaluate",
+    "EvalOptions": "options",
     "evaluate_checkpoint": "evaluate",
     "classification_metrics": "metrics",
     "bootstrap_ci": "metrics",

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -22,19 +21,11 @@ import numpy as np
 from models.checkpoint import load_checkpoint
 from preprocessing.atomic import write_text_atomic
 from preprocessing.h5format import COORDS
+from wsi_fl.errors import ConfigError
 from wsi_fl.evaluation.metrics import classification_metrics
+from wsi_fl.evaluation.options import EvalOptions  # stdlib-only, for the CLI; importable from here too
 from wsi_fl.mil.data import BagRecord, FeatureBagDataset, read_labels
 from wsi_fl.mil.training import Predictions, predict
-
-
-@dataclass(frozen=True)
-class EvalOptions:
-    threshold: float = 0.5  # on P(last class) for binary outcomes
-    n_bootstrap: int = 1000
-    seed: int = 0
-    heatmap_slides: tuple[str, ...] = ()  # slide ids to draw attention maps for
-    heatmap_top_k: int = 0  # also draw the k slides with the highest predicted P(positive)
-    top_tiles: int = 10  # tiles classified "High attention" in the GeoJSON
 
 
 def write_predictions(path: Path, preds: Predictions, records: Sequence[BagRecord], classes: Sequence[str]) -> None:
@@ -79,7 +70,7 @@ def heatmap_targets(preds: Predictions, opts: EvalOptions) -> list[int]:
     index = {s: i for i, s in enumerate(preds.slide_ids)}
     unknown = [s for s in opts.heatmap_slides if s not in index]
     if unknown:
-        raise ValueError(f"--heatmap-slides: not in the evaluation set: {', '.join(unknown)}")
+        raise ConfigError(f"--heatmap-slides: not in the evaluation set: {', '.join(unknown)}")
     chosen = [index[s] for s in opts.heatmap_slides]
     if opts.heatmap_top_k:
         order = np.argsort(-preds.probs[:, -1], kind="stable")

@@ -19,8 +19,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
-from models import MILConfig
-from wsi_fl.mil.training import TrainConfig
+from models.config import MILConfig
+from wsi_fl.errors import ConfigError
+from wsi_fl.mil.config import Optimizer, SplitConfig, TrainConfig
 
 StrategyName = Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg"]
 Transport = Literal["float32", "float16"]
@@ -40,6 +41,8 @@ DP_STRATEGIES = ("fedavg", "fedprox")
 #: Strategies whose round ends at the sites' weighted mean, which ``server-step`` can scale (wsi_fl.server.strategies).
 STEP_STRATEGIES = ("fedavg", "fedprox")
 SelectOn = Literal["val-auc", "val-loss", "last"]
+
+_SPLIT = SplitConfig()  # the split defaults of local and pooled training, so a federation splits the same way
 
 #: The MILConfig fields a federation chooses, under the same names here (in_dim and n_classes come from the sites'
 #: data; CLAM's k_sample and inst_weight keep their defaults). One list, so a field added later reaches what the sites
@@ -104,15 +107,17 @@ class FedConfig:
     input_norm: InputNorm = field(default="none", metadata={"help": "none, or slide: standardise each feature over the "
                                                                "slide's own tiles (small models, DP-SGD)"})
     # Local optimisation (sent to the sites)
-    optimizer: Literal["adam", "adamw"] = field(default="adam", metadata={"help": "local optimizer"})
+    optimizer: Optimizer = field(default="adam", metadata={"help": "local optimizer"})
     lr: float = field(default=2e-4, metadata={"help": "local learning rate"})
     weight_decay: float = field(default=1e-4, metadata={"help": "local weight decay"})
     class_weighting: bool = field(default=True, metadata={"help": "inverse-frequency class weights (per site)"})
     max_instances: int = field(default=0, metadata={"help": "instances per bag per epoch (0: all)"})
     # Data (sent to the sites, so every site splits the same way)
-    label_col: str = field(default="label", metadata={"help": "outcome column of the labels CSV"})
-    val_frac: float = field(default=0.15, metadata={"help": "each site's validation fraction (by patient; 0: none)"})
-    test_frac: float = field(default=0.2, metadata={"help": "each site's held-out test fraction (by patient)"})
+    label_col: str = field(default=_SPLIT.label_col, metadata={"help": "outcome column of the labels CSV"})
+    val_frac: float = field(default=_SPLIT.val_frac,
+                            metadata={"help": "each site's validation fraction (by patient; 0: none)"})
+    test_frac: float = field(default=_SPLIT.test_frac,
+                             metadata={"help": "each site's held-out test fraction (by patient)"})
     seed: int = field(default=0, metadata={"help": "seed for weights, splits, sampling and shuffling"})
     # Transport, evaluation, output
     transport: Transport = field(default="float32", metadata={"help": "dtype of updates sites send"})
@@ -129,44 +134,44 @@ class FedConfig:
             if f.type == "float" and isinstance(value, int) and not isinstance(value, bool):
                 object.__setattr__(self, f.name, float(value))
             elif f.type in ("int", "float", "str", "bool") and not _is(value, f.type):
-                raise ValueError(f"run config {_key(f.name)} must be {f.type}, not {value!r}")
+                raise ConfigError(f"run config {_key(f.name)} must be {f.type}, not {value!r}")
             elif choices and value not in choices:
-                raise ValueError(f"run config {_key(f.name)} must be one of {', '.join(choices)}, not {value!r}")
+                raise ConfigError(f"run config {_key(f.name)} must be one of {', '.join(choices)}, not {value!r}")
         for name in ("num_server_rounds", "local_epochs", "auc_bins"):
             if getattr(self, name) < 1:
-                raise ValueError(f"run config {_key(name)} must be >= 1, not {getattr(self, name)}")
+                raise ConfigError(f"run config {_key(name)} must be >= 1, not {getattr(self, name)}")
         for name in ("fraction_train", "fraction_evaluate"):
             if not 0.0 < getattr(self, name) <= 1.0:
-                raise ValueError(f"run config {_key(name)} must be in (0, 1], not {getattr(self, name)}")
+                raise ConfigError(f"run config {_key(name)} must be in (0, 1], not {getattr(self, name)}")
         if not 0.0 <= self.trim_beta < 0.5:
-            raise ValueError(f"run config trim-beta must be in [0, 0.5), not {self.trim_beta}")
+            raise ConfigError(f"run config trim-beta must be in [0, 0.5), not {self.trim_beta}")
         if not (0 <= self.val_frac < 1 and 0 <= self.test_frac < 1 and self.val_frac + self.test_frac < 1):
-            raise ValueError(f"run config needs 0 <= val-frac, test-frac and val-frac + test-frac < 1, "
-                             f"not {self.val_frac}, {self.test_frac}")
+            raise ConfigError(f"run config needs 0 <= val-frac, test-frac and val-frac + test-frac < 1, "
+                              f"not {self.val_frac}, {self.test_frac}")
         if self.proximal_mu < 0 or self.lr <= 0 or self.server_lr <= 0:
-            raise ValueError("run config proximal-mu must be >= 0 and lr, server-lr > 0")
+            raise ConfigError("run config proximal-mu must be >= 0 and lr, server-lr > 0")
         if self.server_step < 0:
-            raise ValueError(f"run config server-step must be >= 0 (0: auto), not {self.server_step}")
+            raise ConfigError(f"run config server-step must be >= 0 (0: auto), not {self.server_step}")
         if self.server_step != 1.0 and self.strategy not in STEP_STRATEGIES:
-            raise ValueError(f"run config server-step applies to {' and '.join(STEP_STRATEGIES)} only; "
-                             f"{self.strategy!r} takes its own server step (server-lr) or none")
+            raise ConfigError(f"run config server-step applies to {' and '.join(STEP_STRATEGIES)} only; "
+                              f"{self.strategy!r} takes its own server step (server-lr) or none")
         if self.server_step != 1.0 and self.dp in CENTRAL_DP:
-            raise ValueError(f"run config server-step must be 1 with dp = {self.dp!r}: the noise is calibrated to "
-                             "the mean of the clipped updates, and a larger step would scale its sensitivity")
+            raise ConfigError(f"run config server-step must be 1 with dp = {self.dp!r}: the noise is calibrated to "
+                              "the mean of the clipped updates, and a larger step would scale its sensitivity")
         if self.server_step == 0.0 and self.secagg:
-            raise ValueError("run config server-step = 0 (auto) weighs the sites' replies, but under SecAgg+ the "
-                             "strategy gets their sum as one update; give a number instead")
+            raise ConfigError("run config server-step = 0 (auto) weighs the sites' replies, but under SecAgg+ the "
+                              "strategy gets their sum as one update; give a number instead")
         if self.dp != "none" and not (self.dp_epsilon > 0 or self.dp_noise_multiplier > 0):
-            raise ValueError(f"run config dp = {self.dp!r} needs dp-epsilon > 0 or dp-noise-multiplier > 0")
+            raise ConfigError(f"run config dp = {self.dp!r} needs dp-epsilon > 0 or dp-noise-multiplier > 0")
         if self.dp in CENTRAL_DP and self.strategy not in DP_STRATEGIES:
-            raise ValueError(f"run config dp = {self.dp!r} needs strategy {' or '.join(DP_STRATEGIES)}, "
-                             f"not {self.strategy!r}")
+            raise ConfigError(f"run config dp = {self.dp!r} needs strategy {' or '.join(DP_STRATEGIES)}, "
+                              f"not {self.strategy!r}")
         if self.dp_epsilon < 0 or self.dp_noise_multiplier < 0 or self.dp_clipping_norm <= 0:
-            raise ValueError("run config dp-epsilon, dp-noise-multiplier must be >= 0 and dp-clipping-norm > 0")
+            raise ConfigError("run config dp-epsilon, dp-noise-multiplier must be >= 0 and dp-clipping-norm > 0")
         if self.dp_batch_size < 1:
-            raise ValueError(f"run config dp-batch-size must be >= 1, not {self.dp_batch_size}")
+            raise ConfigError(f"run config dp-batch-size must be >= 1, not {self.dp_batch_size}")
         if not 0 < self.dp_delta < 1:
-            raise ValueError(f"run config dp-delta must be in (0, 1), not {self.dp_delta}")
+            raise ConfigError(f"run config dp-delta must be in (0, 1), not {self.dp_delta}")
         self.mil_config(1, 2)  # validates model fields with MILConfig's own messages
 
     @classmethod
@@ -176,7 +181,7 @@ class FedConfig:
         values = {k.replace("-", "_"): v for k, v in run_config.items()}
         unknown = sorted(_key(k) for k in set(values) - known)
         if unknown:
-            raise ValueError(f"unknown run config keys: {', '.join(unknown)}")
+            raise ConfigError(f"unknown run config keys: {', '.join(unknown)}")
         return cls(**{**values, **overrides})
 
     def to_run_config(self) -> dict[str, Any]:

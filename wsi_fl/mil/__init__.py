@@ -15,7 +15,7 @@ _EXPORTS = {
     "read_labels": "data",
     "train_val_test_split": "splits",
     "patient_kfold": "splits",
-    "TrainConfig": "training",
+    "TrainConfig": "config",
     "train_model": "training",
     "predict": "training",
     "Site": "fit",

@@ -28,11 +28,12 @@ from torch.utils.data import Dataset
 
 from models.checkpoint import PROVENANCE_KEYS, ProvenanceError, check_provenance
 from preprocessing.h5format import COORDS, FEATURES, FeatureFileError, attr_equal, check_feature_file
+from wsi_fl.errors import ConfigError
 
 SPLIT_NAMES = ("train", "val", "test")
 
 
-class BagDataError(ValueError):
+class BagDataError(ConfigError):
     """Bad bag input (labels, feature files, tables); ``str()`` is one line naming the file or slide."""
 
     def __init__(self, message: str) -> None:

@@ -26,10 +26,14 @@ from models import MILConfig, create_model, list_models
 from models.checkpoint import check_provenance, save_checkpoint
 from preprocessing.atomic import write_csv_atomic
 from wsi_fl import __version__
+from wsi_fl.errors import ConfigError
 from wsi_fl.evaluation.evaluate import EvalOptions, write_heatmaps, write_report
+from wsi_fl.mil.config import SplitConfig
 from wsi_fl.mil.data import BagRecord, FeatureBagDataset, read_labels, sort_classes
 from wsi_fl.mil.splits import splits_from_column, train_val_split, train_val_test_split
 from wsi_fl.mil.training import TrainConfig, concat_datasets, predict, train_model
+
+_SPLIT = SplitConfig()  # the defaults of wsi-fl train's --label-col, --val-frac and --test-frac
 
 
 @dataclass(frozen=True)
@@ -121,8 +125,8 @@ def build_dataset(pairs: Sequence[tuple[Site, BagRecord]], indices: np.ndarray, 
 
 
 def fit(sites: Sequence[Site], out_dir: str | Path, *, model: MILConfig = MILConfig(),
-        train: TrainConfig = TrainConfig(), label_col: str = "label", val_frac: float = 0.15,
-        test_frac: float = 0.2, eval_opts: EvalOptions = EvalOptions(), slide_dirs: Sequence[Path] = (),
+        train: TrainConfig = TrainConfig(), label_col: str = _SPLIT.label_col, val_frac: float = _SPLIT.val_frac,
+        test_frac: float = _SPLIT.test_frac, eval_opts: EvalOptions = EvalOptions(), slide_dirs: Sequence[Path] = (),
         progress: bool = True) -> FitResult:
     """Train on the sites' slides, save the checkpoint, and report on the test split (see the module doc).
 
@@ -130,7 +134,7 @@ def fit(sites: Sequence[Site], out_dir: str | Path, *, model: MILConfig = MILCon
     maps of test slides (images need the slide files under ``slide_dirs``).
     """
     if model.model not in list_models():
-        raise ValueError(f"unknown model {model.model!r}; registered: {', '.join(list_models())}")
+        raise ConfigError(f"unknown model {model.model!r}; registered: {', '.join(list_models())}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     pairs, classes = load_site_records(sites, label_col)
@@ -138,7 +142,7 @@ def fit(sites: Sequence[Site], out_dir: str | Path, *, model: MILConfig = MILCon
     splits = assign_site_splits(pairs, val_frac, test_frac, train.seed)
     train_ds = build_dataset(pairs, splits["train"], max_instances=train.max_instances, seed=train.seed)
     if train_ds is None:
-        raise ValueError("no training slides after splitting")
+        raise ConfigError("no training slides after splitting")
     val_ds = build_dataset(pairs, splits.get("val", np.zeros(0, int)), max_instances=None, seed=train.seed)
     test_ds = build_dataset(pairs, splits.get("test", np.zeros(0, int)), max_instances=None, seed=train.seed)
     for ds in (val_ds, test_ds):

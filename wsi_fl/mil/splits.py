@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
+from wsi_fl.errors import ConfigError
 from wsi_fl.mil.data import SPLIT_NAMES, BagRecord
 
 #: The most folds :func:`train_val_split` uses to approximate a fraction (0.05 steps at worst).
@@ -28,7 +29,7 @@ def _as_arrays(targets: Any, groups: Any) -> tuple[np.ndarray, np.ndarray]:
     if y.ndim != 1 or g.shape != y.shape:
         raise ValueError(f"targets and groups must be 1-D of equal length, got {y.shape} and {g.shape}")
     if y.size == 0:
-        raise ValueError("no samples to split")
+        raise ConfigError("no samples to split")
     return y, g
 
 
@@ -40,11 +41,11 @@ def patient_kfold(targets: Any, groups: Any, n_splits: int, seed: int) -> list[t
     """
     y, g = _as_arrays(targets, groups)
     if n_splits < 2:
-        raise ValueError(f"n_splits must be >= 2, got {n_splits}")
+        raise ConfigError(f"n_splits must be >= 2, got {n_splits}")
     for cls in np.unique(y):
         n_patients = np.unique(g[y == cls]).size
         if n_patients < n_splits:
-            raise ValueError(
+            raise ConfigError(
                 f"class {cls} has only {n_patients} patient(s), fewer than n_splits={n_splits}: use fewer folds"
             )
     cv = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
@@ -60,10 +61,10 @@ def train_val_split(targets: Any, groups: Any, val_frac: float, seed: int) -> tu
     """
     y, g = _as_arrays(targets, groups)
     if not 0 < val_frac < 1:
-        raise ValueError(f"val_frac must be in (0, 1), got {val_frac}")
+        raise ConfigError(f"val_frac must be in (0, 1), got {val_frac}")
     n_groups = np.unique(g).size
     if n_groups < 2:
-        raise ValueError(f"need at least 2 patients to split, got {n_groups}")
+        raise ConfigError(f"need at least 2 patients to split, got {n_groups}")
     largest_class = int(np.unique(y, return_counts=True)[1].max())
     if largest_class < 2:  # one slide per class (a tiny site's remainder): stratification is moot
         patients = np.random.default_rng(seed).permutation(np.unique(g))
@@ -86,7 +87,7 @@ def train_val_split(targets: Any, groups: Any, val_frac: float, seed: int) -> tu
     val = np.sort(np.concatenate(folds[:m]))
     train = np.setdiff1d(np.arange(y.size), val)
     if val.size == 0 or train.size == 0:
-        raise ValueError(f"could not split {n_groups} patients at val_frac={val_frac}")
+        raise ConfigError(f"could not split {n_groups} patients at val_frac={val_frac}")
     return train, val
 
 
@@ -99,7 +100,7 @@ def train_val_test_split(
     """
     y, g = _as_arrays(targets, groups)
     if not (0 < val_frac < 1 and 0 < test_frac < 1 and val_frac + test_frac < 1):
-        raise ValueError(f"need 0 < val_frac, test_frac and val_frac + test_frac < 1, got {val_frac}, {test_frac}")
+        raise ConfigError(f"need 0 < val_frac, test_frac and val_frac + test_frac < 1, got {val_frac}, {test_frac}")
     rest, test = train_val_split(y, g, test_frac, seed)
     train_r, val_r = train_val_split(y[rest], g[rest], val_frac / (1 - test_frac), seed)
     return rest[train_r], rest[val_r], test
@@ -133,13 +134,13 @@ def splits_from_column(records: Sequence[BagRecord]) -> dict[str, np.ndarray] | 
     if len(missing) == len(records):
         return None
     if missing:
-        raise ValueError(f"split column partly filled: {len(missing)} slide(s) without a split, e.g. {missing[0]}")
+        raise ConfigError(f"split column partly filled: {len(missing)} slide(s) without a split, e.g. {missing[0]}")
     splits = np.array([r.split for r in records])
     unknown = sorted(set(splits.tolist()) - set(SPLIT_NAMES))
     if unknown:
-        raise ValueError(f"unknown split name(s) {unknown}; expected {SPLIT_NAMES}")
+        raise ConfigError(f"unknown split name(s) {unknown}; expected {SPLIT_NAMES}")
     out = {name: np.flatnonzero(splits == name) for name in SPLIT_NAMES if (splits == name).any()}
     problem = _shared_patient(np.array([r.patient_id for r in records]), list(out.items()))
     if problem:
-        raise ValueError(f"predefined splits not patient-disjoint: {problem}")
+        raise ConfigError(f"predefined splits not patient-disjoint: {problem}")
     return out

@@ -12,8 +12,7 @@ import copy
 import math
 import random
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Literal
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -21,31 +20,8 @@ from sklearn.metrics import roc_auc_score
 from torch.utils.data import DataLoader, Dataset
 
 from models import MILModel
+from wsi_fl.mil.config import TrainConfig  # defined beside the other stdlib-only settings; importable from here too
 from wsi_fl.mil.data import collate_bags
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Optimisation settings; one default for every dataset (no per-dataset tuning)."""
-
-    epochs: int = field(default=40, metadata={"help": "maximum number of epochs"})
-    lr: float = field(default=2e-4, metadata={"help": "learning rate"})
-    weight_decay: float = field(default=1e-4, metadata={"help": "weight decay (decoupled for adamw)"})
-    optimizer: Literal["adam", "adamw"] = field(default="adamw", metadata={"help": "adam or adamw"})
-    class_weighting: bool = field(default=True, metadata={"help": "weight the loss by inverse class frequency"})
-    early_stopping: Literal["auc", "loss", "none"] = field(
-        default="loss", metadata={"help": "validation metric that selects the best epoch: auc, loss or none"}
-    )
-    patience: int = field(default=10, metadata={"help": "epochs without improvement before stopping"})
-    max_instances: int | None = field(
-        default=None, metadata={"help": "train on at most this many instances per bag, redrawn every epoch"}
-    )
-    batch_size: int = field(default=1, metadata={"help": "bags per optimisation step (padded and masked)"})
-    seed: int = field(default=0, metadata={"help": "random seed (weights, shuffling, subsampling)"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass

@@ -3,7 +3,7 @@
 The privacy unit is a **site** (client-level DP, McMahan et al. 2018): each
 round every sampled site's update ``w_site - w_global`` is clipped to L2 norm
 ``C`` (by the site itself with ``client-*`` modes, through Flower's
-``fixedclipping_mod``/``adaptiveclipping_mod``; by the server with
+``fixedclipping_mod``/``adaptiveclipping_mod`` in :mod:`wsi_fl.site.clipping`; by the server with
 ``server-*``), the server averages the clipped updates with equal weights and
 adds Gaussian noise of standard deviation ``σ C / m`` (``m`` sites sampled).
 The released global models are then (ε, δ)-DP with respect to adding or
@@ -32,10 +32,7 @@ from dataclasses import asdict, dataclass
 from functools import lru_cache
 from typing import Any
 
-from flwr.app import Context, Message
-from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
-from flwr.clientapp.typing import ClientAppCallable
-from flwr.common import MessageType
+from flwr.app import Message
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideAdaptiveClipping,
     DifferentialPrivacyClientSideFixedClipping,
@@ -43,7 +40,6 @@ from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideFixedClipping,
     Strategy,
 )
-from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from flwr.supercore.privacy_accounting import (
     GaussianPrivacyEvent,
     NeighboringRelation,
@@ -52,6 +48,7 @@ from flwr.supercore.privacy_accounting import (
 )
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
+from wsi_fl.errors import ConfigError
 from wsi_fl.federation.config import CENTRAL_DP, FedConfig
 
 log = logging.getLogger("wsi_fl.privacy")
@@ -100,7 +97,7 @@ def bisect_noise(epsilon_of: Callable[[float], float], target_epsilon: float, de
     while epsilon_of(hi) > target_epsilon:
         lo, hi = hi, hi * 2
         if hi > 1e6:
-            raise ValueError(f"no noise multiplier reaches epsilon {target_epsilon} at delta {delta}")
+            raise ConfigError(f"no noise multiplier reaches epsilon {target_epsilon} at delta {delta}")
     while hi - lo > 1e-3 * hi:
         mid = (lo + hi) / 2
         lo, hi = (lo, mid) if epsilon_of(mid) <= target_epsilon else (mid, hi)
@@ -185,22 +182,6 @@ class PrivacyLedger:
         ledger = cls(PrivacyPlan(**state["plan"]))
         ledger.accountant.load_state_dict(state["accountant"])
         return ledger
-
-
-def clipping_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """A site clips its own update when the server asks (``client-*`` DP modes); other messages pass through.
-
-    Flower's clipping mods answer every message without a clipping norm with an
-    error, so they cannot sit in the ClientApp's mods unconditionally.
-    """
-    if msg.metadata.message_type != MessageType.TRAIN or "config" not in msg.content.config_records:
-        return call_next(msg, context)
-    config = msg.content["config"]
-    if KEY_CLIPPING_NORM not in config:
-        return call_next(msg, context)
-    mod: Callable[[Message, Context, ClientAppCallable], Message] = (
-        adaptiveclipping_mod if str(config.get("dp", "")).endswith("adaptive") else fixedclipping_mod)
-    return mod(msg, context, call_next)
 
 
 def set_sample_size(strategy: Strategy, messages: Iterable[Message]) -> int:

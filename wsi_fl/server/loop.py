@@ -41,6 +41,7 @@ from models import create_model
 from models.checkpoint import check_provenance, save_checkpoint
 from preprocessing.atomic import atomic_path, write_text_atomic
 from wsi_fl import __version__
+from wsi_fl.errors import WsiFlError
 from wsi_fl.federation import arrays as fedarrays
 from wsi_fl.federation.config import CENTRAL_DP, CLIENT_KEYS, MODEL_KEYS, FedConfig
 from wsi_fl.federation.histograms import confusion_metrics, histogram_auc
@@ -67,7 +68,7 @@ _RESUME_KEYS = ("strategy", *MODEL_KEYS, "seed", "val-frac", "test-frac", "label
 _RESUME_KEYS_DPSGD = ("num-server-rounds", "local-epochs")
 
 
-class FederationError(RuntimeError):
+class FederationError(WsiFlError, RuntimeError):
     """The federation cannot go on (sites disagree, too few replied, a resume that does not match)."""
 
 

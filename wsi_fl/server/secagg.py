@@ -41,6 +41,7 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
+from wsi_fl.errors import ConfigError
 from wsi_fl.federation import arrays as fedarrays
 from wsi_fl.federation.config import SECAGG_KEY_CLIP as KEY_CLIP
 from wsi_fl.federation.config import SECAGG_KEY_MAX_WEIGHT as KEY_MAX_WEIGHT
@@ -66,15 +67,15 @@ def check_secagg_config(cfg: FedConfig) -> None:
     if not cfg.secagg:
         return
     if cfg.strategy not in SECAGG_STRATEGIES:
-        raise ValueError(f"run config secagg = true needs strategy {', '.join(SECAGG_STRATEGIES)} (the server sees "
-                         f"only the mean of the updates), not {cfg.strategy!r}")
+        raise ConfigError(f"run config secagg = true needs strategy {', '.join(SECAGG_STRATEGIES)} (the server sees "
+                          f"only the mean of the updates), not {cfg.strategy!r}")
     if cfg.dp != "none":
-        raise ValueError(f"run config secagg = true cannot be combined with dp = {cfg.dp!r} (not supported yet)")
+        raise ConfigError(f"run config secagg = true cannot be combined with dp = {cfg.dp!r} (not supported yet)")
     if cfg.min_train_nodes < 2:
-        raise ValueError("run config secagg = true needs min-train-nodes >= 2 (a sum of one update is the update)")
+        raise ConfigError("run config secagg = true needs min-train-nodes >= 2 (a sum of one update is the update)")
     if cfg.secagg_clipping_range <= 0 or not 1 < cfg.secagg_quantization_range < MODULUS_RANGE:
-        raise ValueError(f"run config secagg-clipping-range must be > 0 and secagg-quantization-range in "
-                         f"(1, 2**32), not {cfg.secagg_clipping_range}, {cfg.secagg_quantization_range}")
+        raise ConfigError(f"run config secagg-clipping-range must be > 0 and secagg-quantization-range in "
+                          f"(1, 2**32), not {cfg.secagg_clipping_range}, {cfg.secagg_quantization_range}")
 
 
 def max_weight_for(train_sizes: Sequence[int]) -> float:

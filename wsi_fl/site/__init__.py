@@ -1,5 +1,5 @@
 """What a hospital runs: the Flower ClientApp, where its data is, its policy, the guard that enforces it, the
-audit log, and its mods (SecAgg+).
+audit log, and its mods (SecAgg+, clipping).
 
 Never imports :mod:`wsi_fl.server` (a test checks the import graph): what a site executes must be readable without
 the coordinator's code.
@@ -19,6 +19,7 @@ _EXPORTS = {
     "SiteGuard": "guard",
     "AuditLog": "audit",
     "secagg_mod": "secagg",
+    "clipping_mod": "clipping",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

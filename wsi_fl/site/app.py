@@ -49,7 +49,7 @@ from wsi_fl.mil.training import (
     train_epoch,
 )
 from wsi_fl.privacy import dpsgd
-from wsi_fl.privacy.central import clipping_mod
+from wsi_fl.site.clipping import clipping_mod
 from wsi_fl.site.data import SiteData, load_site, site_from_node_config
 from wsi_fl.site.guard import SiteGuard
 from wsi_fl.site.secagg import secagg_mod

@@ -25,10 +25,11 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
+from wsi_fl.errors import ConfigError
 from wsi_fl.mil.fit import Site, assign_splits, build_dataset, load_site_records
 
 
-class SiteConfigError(ValueError):
+class SiteConfigError(ConfigError):
     """A node whose data location is missing or wrong (one line, names the key or path)."""
 
 

@@ -49,6 +49,7 @@ import tomllib
 from flwr.common import MessageType
 
 from models import list_models
+from wsi_fl.errors import ConfigError
 from wsi_fl.federation.config import FedConfig, StrategyName
 
 log = logging.getLogger("wsi_fl.site.policy")
@@ -57,7 +58,7 @@ log = logging.getLogger("wsi_fl.site.policy")
 ANSWERED = (MessageType.QUERY, MessageType.TRAIN, MessageType.EVALUATE)
 
 
-class PolicyError(ValueError):
+class PolicyError(ConfigError):
     """A policy file that cannot be read or holds an unknown key or a wrong type (one line, names file and key)."""
 
 

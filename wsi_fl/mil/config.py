@@ -1,0 +1,70 @@
+"""The settings of local and pooled training, standard library only.
+
+Kept apart from :mod:`wsi_fl.mil.training` (which imports torch) so that the
+CLI can turn these dataclasses into ``wsi-fl train`` options, defaults and all,
+without importing torch: ``--help`` stays instant and every default is written
+once, here. Each field's ``metadata["help"]`` becomes the option's help text
+(``wsi_fl.cli._args.add_dataclass_args``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Literal, get_args
+
+from wsi_fl.errors import ConfigError
+
+Optimizer = Literal["adam", "adamw"]
+EarlyStopping = Literal["auc", "loss", "none"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings; one default for every dataset (no per-dataset tuning)."""
+
+    epochs: int = field(default=40, metadata={"help": "maximum number of epochs"})
+    lr: float = field(default=2e-4, metadata={"help": "learning rate"})
+    weight_decay: float = field(default=1e-4, metadata={"help": "weight decay (decoupled for adamw)"})
+    optimizer: Optimizer = field(default="adamw", metadata={"help": "adam or adamw"})
+    class_weighting: bool = field(default=True, metadata={"help": "weight the loss by inverse class frequency"})
+    early_stopping: EarlyStopping = field(
+        default="loss", metadata={"help": "validation metric that selects the best epoch: auc, loss or none"}
+    )
+    patience: int = field(default=10, metadata={"help": "epochs without improvement before stopping"})
+    max_instances: int | None = field(
+        default=None, metadata={"help": "train on at most this many instances per bag, redrawn every epoch"}
+    )
+    batch_size: int = field(default=1, metadata={"help": "bags per optimisation step (padded and masked)"})
+    seed: int = field(default=0, metadata={"help": "random seed (weights, shuffling, subsampling)"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
+
+    def __post_init__(self) -> None:
+        # Checked here so that "--epochs 0" fails before any data is read, naming the option.
+        for name in ("epochs", "patience", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"TrainConfig.{name} must be >= 1, not {getattr(self, name)}")
+        if self.max_instances is not None and self.max_instances < 1:
+            raise ConfigError(f"TrainConfig.max_instances must be >= 1 or None, not {self.max_instances}")
+        if not self.lr > 0 or self.weight_decay < 0:
+            raise ConfigError(f"TrainConfig needs lr > 0 and weight_decay >= 0, not {self.lr}, {self.weight_decay}")
+        for name, kind in (("optimizer", Optimizer), ("early_stopping", EarlyStopping)):
+            if getattr(self, name) not in get_args(kind):
+                raise ConfigError(f"TrainConfig.{name} must be one of {', '.join(get_args(kind))}, "
+                                  f"not {getattr(self, name)!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """How a site's slides are split into train/validation/test, by patient, when its labels have no split column."""
+
+    label_col: str = field(default="label", metadata={"help": "outcome column of the labels files"})
+    val_frac: float = field(default=0.15, metadata={"help": "validation share of patients (0: no epoch selection)"})
+    test_frac: float = field(default=0.2, metadata={"help": "test share of patients (0: no test split)"})
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.val_frac < 1 and 0 <= self.test_frac < 1 and self.val_frac + self.test_frac < 1):
+            raise ConfigError(f"need 0 <= val_frac, test_frac and val_frac + test_frac < 1, "
+                              f"not {self.val_frac}, {self.test_frac}")
