@@ -54,7 +54,7 @@ the same epochs (goal: simulation ÷ pooled ≤ 1.5), and reports the bytes each
 site sent per round against the model's float32 size (4 × parameters; goal
 ≤ 1.05×) and a float16-transport run's bytes and test-AUC loss (goals ½ and ≤ 0.01).
 ``--deployment`` adds the deployment engine (a SuperLink and three SuperNodes on
-loopback, ``scripts/run_local_federation.py``) at the same seed: its time and its
+loopback, ``wsi-fl rehearse``) at the same seed: its time and its
 test AUC against the simulation's (goal: within 0.01).
 
 The dataset ``wsiscale`` (``--datasets wsiscale``) is for timing: ``--wsi-scale

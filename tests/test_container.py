@@ -3,8 +3,9 @@
 ``scripts/build_image.sh`` makes a Debian base with debootstrap, then builds the Dockerfile's ``site`` and
 ``server`` targets with buildah. A site container preprocesses a real shared slide that it sees read-only and
 gives the features this environment gives; SuperNode containers join a SuperLink container over TLS with
-SuperNode authentication and complete a round, and a whole rehearsal runs inside one site container. Needs root and Debian's podman, buildah and debootstrap
-(``.ci/run`` installs them); elsewhere these tests skip, under ``CI=true`` they fail.
+SuperNode authentication and complete a round; a whole ``wsi-fl rehearse`` runs inside one site container.
+Needs root and Debian's podman, buildah and debootstrap (``.ci/run`` installs them); elsewhere these tests
+skip, under ``CI=true`` they fail.
 """
 
 from __future__ import annotations

@@ -63,6 +63,7 @@ def test_dockerignore_lets_through_what_the_dockerfile_copies():
     assert all((ROOT / src).exists() for src in sources)
 
 
+@pytest.mark.filterwarnings("ignore:GitWildMatchPattern:DeprecationWarning")  # Flower 1.41's FAB build, not ours
 def test_the_images_app_directory_builds_the_code_of_a_checkouts_fab(tmp_path):
     """``wsi-fl rehearse`` in an image ships ``$WSI_FL_APP`` as its FAB. The Dockerfile's recipe for it (copy the
     packages and top-level files, drop ``fab-exclude``, whose patterns would match nothing there), repeated

@@ -40,8 +40,8 @@ from wsi_fl.mil.training import TrainConfig
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg")
 LEGACY_MU = 0.01  # FedProx's mu of every result stored before --proximal-mu existed (FedConfig's default then)
-#: The deployment engine's rehearsal script (a SuperLink and SuperNodes on loopback), run as a user runs it.
-LOCAL_FEDERATION = Path(__file__).resolve().parents[2] / "scripts" / "run_local_federation.py"
+#: The deployment engine's rehearsal (a SuperLink and SuperNodes on loopback), run as a user runs it.
+LOCAL_FEDERATION = [sys.executable, "-m", "wsi_fl", "rehearse"]  # the command an operator runs
 #: Run-config keys that script sets from its own options (--rounds, --out, --seed) and refuses in --run-config.
 _SCRIPT_KEYS = ("num-server-rounds", "out-dir", "seed")
 
@@ -129,7 +129,7 @@ def run_simulation(cohort_root: Path, n_sites: int, cfg: FedConfig) -> None:
 
 
 def run_deployment(cohort_root: Path, n_sites: int, cfg: FedConfig) -> None:
-    """A SuperLink, one SuperNode per site and ``flwr run`` on loopback (``scripts/run_local_federation.py``).
+    """A SuperLink, one SuperNode per site and ``flwr run`` on loopback (``wsi-fl rehearse``).
 
     Run as its own process through the script's command line, as an operator runs it: the deployment engine's
     processes (SuperLink, SuperNodes, the apps they launch) are then stopped by that script, whatever happens here.
@@ -141,7 +141,7 @@ def run_deployment(cohort_root: Path, n_sites: int, cfg: FedConfig) -> None:
     out.mkdir(parents=True, exist_ok=True)
     extra = out / "run-config.toml"  # everything but rounds/out/seed, which the script sets itself
     extra.write_text(tomli_w.dumps({k: v for k, v in cfg.to_run_config().items() if k not in _SCRIPT_KEYS}))
-    cmd = [sys.executable, str(LOCAL_FEDERATION), "--cohort", str(cohort_root), "--out", str(out),
+    cmd = [*LOCAL_FEDERATION, "--cohort", str(cohort_root), "--out", str(out),
            "--rounds", str(cfg.num_server_rounds), "--seed", str(cfg.seed), "--run-config", str(extra),
            "--workdir", str(out / "deployment"), "--timeout", "3600"]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)

@@ -75,7 +75,7 @@ def dispatch(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args))
     except KeyboardInterrupt:
-        print("wsi-fl: interrupted; finished slides are recorded, nothing partial is left", file=sys.stderr)
+        print("wsi-fl: interrupted; finished work is kept, nothing partial is left", file=sys.stderr)
         return EXIT_INTERRUPTED
     except PROJECT_ERRORS as err:
         message = " ".join(str(err).split()) or type(err).__name__

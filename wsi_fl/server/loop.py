@@ -1,21 +1,25 @@
-"""The federated round loop: query sites, train, screen replies, aggregate, evaluate, checkpoint, resume.
+"""The federated round loop: train, screen replies, aggregate, evaluate, checkpoint, resume.
 
 Flower's ``Strategy.start`` runs all rounds in one call; this loop calls the
 same strategy's ``configure_train``/``aggregate_train``/``configure_evaluate``
 itself, because a hospital federation needs what happens between those calls:
 
-* **Screening.** A failed, late or malformed reply (other array names or
-  shapes, another dtype, NaN/Inf, a non-positive bag count) is logged and
-  dropped; the round aggregates the rest if at least ``min-train-nodes``
-  replies are valid, and otherwise keeps the global model unchanged.
+* **Screening** (:mod:`wsi_fl.server.replies`). A failed, late or malformed
+  reply is logged and dropped; the round aggregates the rest if at least
+  ``min-train-nodes`` replies are valid, and otherwise keeps the global model
+  unchanged.
 * **Federated metrics** from summed histograms and confusion counts
-  (:mod:`wsi_fl.federation.histograms`): the pooled AUC over all sites' slides, while no
-  per-slide score leaves a site.
+  (:func:`~wsi_fl.server.replies.aggregate_evaluation`): the pooled AUC over
+  all sites' slides, while no per-slide score leaves a site.
 * **Checkpoints and resume.** After every round: ``state.pt`` (global weights,
   strategy state, round, best score), ``last.pt`` and, when the validation
   metric improves, ``best.pt`` (both in ``wsi-fl train``'s checkpoint format),
   a line in ``metrics.jsonl`` (and ``metrics.png`` every 10 rounds and at the end). With ``resume`` a restarted
   server continues after the last completed round.
+
+Before the first round the sites are surveyed (:mod:`wsi_fl.server.sites`).
+``FederationError``, ``client_config`` and ``query_sites`` are importable from
+here too, where callers have always imported them.
 """
 
 from __future__ import annotations
@@ -32,34 +36,25 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.exception import AggregationError, InconsistentMessageReplies
 from flwr.supercore.differential_privacy import KEY_NORM_BIT
 
 from models import create_model
-from models.checkpoint import check_provenance, save_checkpoint
+from models.checkpoint import save_checkpoint
 from preprocessing.atomic import atomic_path, write_text_atomic
 from wsi_fl import __version__
-from wsi_fl.errors import WsiFlError
 from wsi_fl.federation import arrays as fedarrays
-from wsi_fl.federation.config import CENTRAL_DP, CLIENT_KEYS, MODEL_KEYS, FedConfig
-from wsi_fl.federation.histograms import confusion_metrics, histogram_auc
-from wsi_fl.mil.data import sort_classes
-from wsi_fl.privacy.central import (
-    KEY_DP_WEIGHT,
-    PrivacyLedger,
-    make_plan,
-    planned_noise,
-    set_sample_size,
-    wrap_strategy,
-)
+from wsi_fl.federation.config import MODEL_KEYS, FedConfig
+from wsi_fl.privacy.central import KEY_DP_WEIGHT, PrivacyLedger, make_plan, set_sample_size, wrap_strategy
+from wsi_fl.server.replies import TRAIN_METRICS, aggregate_evaluation, screen_replies, summarise
+from wsi_fl.server.sites import FederationError, client_config, query_sites, wait_for_sites
 from wsi_fl.server.strategies import create_strategy, load_strategy_state, strategy_state
 
-log = logging.getLogger("wsi_fl.server")
+__all__ = ["FedResult", "FederationError", "ServerRun", "client_config", "drive", "query_sites", "run_server"]
 
-#: What a training reply's MetricRecord holds (the weight FedAvg uses, and the site's mean training loss).
-TRAIN_METRICS = {"num-examples", "train-loss"}
+log = logging.getLogger("wsi_fl.server")
 
 #: Settings a resumed run must share with the run it continues (the rest, e.g. rounds, may change).
 _RESUME_KEYS = ("strategy", *MODEL_KEYS, "seed", "val-frac", "test-frac", "label-col", "dp", "dp-epsilon", "dp-delta",
@@ -68,176 +63,12 @@ _RESUME_KEYS = ("strategy", *MODEL_KEYS, "seed", "val-frac", "test-frac", "label
 _RESUME_KEYS_DPSGD = ("num-server-rounds", "local-epochs")
 
 
-class FederationError(WsiFlError, RuntimeError):
-    """The federation cannot go on (sites disagree, too few replied, a resume that does not match)."""
-
-
 @dataclass
 class FedResult:
     out_dir: Path
     rounds_completed: int
     history: list[dict[str, Any]] = field(default_factory=list)
     best_round: int | None = None
-
-
-def client_config(cfg: FedConfig, classes: list[str] | None,
-                  noise_multiplier: float | None = None) -> ConfigRecord:
-    """The settings sent with every instruction; under DP the noise multiplier in force (what a site's policy checks).
-
-    ``noise_multiplier``: the run's (a resumed run keeps its own), else the one ``cfg`` plans.
-    """
-    rc = cfg.to_run_config()
-    values: dict[str, Any] = {k: rc[k] for k in CLIENT_KEYS}
-    if cfg.dp in CENTRAL_DP:  # under slide-dpsgd each site calibrates its own noise to dp-epsilon
-        values["dp-noise-multiplier"] = noise_multiplier if noise_multiplier is not None else planned_noise(cfg)
-    if classes is not None:
-        values["classes"] = list(classes)
-    return ConfigRecord(values)
-
-
-def wait_for_sites(grid: Grid, needed: int, timeout: float | None, what: str) -> list[int]:
-    """The connected node ids once at least ``needed`` are connected; FederationError after ``timeout`` s.
-
-    Flower's strategies wait for their sample without a time limit, so a federation that lost sites for good
-    would hang in its next round; the server waits here first, with a limit, and stops with a clear error
-    (the last completed round is checkpointed: ``resume=true`` continues from it).
-    """
-    deadline = None if timeout is None else time.monotonic() + timeout
-    reported = -1
-    while len(nodes := list(grid.get_node_ids())) < needed:
-        if deadline is not None and time.monotonic() > deadline:
-            raise FederationError(f"{what}: {len(nodes)} site(s) connected, {needed} needed, still after "
-                                  f"{timeout:.0f} s (round-timeout)")
-        if len(nodes) != reported:  # log changes only, not every second
-            log.info("%s: waiting for sites: %d connected, %d needed", what, len(nodes), needed)
-            reported = len(nodes)
-        time.sleep(1)
-    return nodes
-
-
-@dataclass(frozen=True)
-class SiteSurvey:
-    """What the sites said of their data before the first round."""
-
-    classes: list[str]  # the union, in the federation's order
-    feature_dim: int
-    provenance: dict[str, Any]  # the feature space every site shares
-    train_sizes: list[int]  # each answering site's training bags (SecAgg+ scales its weights by the largest)
-
-
-def query_sites(grid: Grid, cfg: FedConfig) -> SiteSurvey:
-    """Classes (union), feature dimension and provenance agreed by all connected sites, and their training sizes."""
-    nodes = wait_for_sites(grid, cfg.min_available_nodes, None, "start")
-    messages = [Message(content=RecordDict({"config": client_config(cfg, None)}), message_type=MessageType.QUERY,
-                        dst_node_id=n) for n in nodes]
-    infos = []
-    for reply in grid.send_and_receive(messages, timeout=cfg.round_timeout):
-        if reply.has_error():
-            log.warning("site %s could not describe its data: %s", reply.metadata.src_node_id, reply.error.reason)
-            continue
-        infos.append((reply.metadata.src_node_id, reply.content["info"]))
-    if not infos or len(infos) < cfg.min_available_nodes:
-        raise FederationError(f"only {len(infos)} of {len(nodes)} sites described their data "
-                              f"(min-available-nodes = {cfg.min_available_nodes}); see the sites' logs")
-    first_node, first = infos[0]
-    provenance = json.loads(first["provenance"])
-    for node, info in infos[1:]:
-        if int(info["feature-dim"]) != int(first["feature-dim"]):
-            raise FederationError(f"site {node} has {info['feature-dim']}-d features, site {first_node} "
-                                  f"{first['feature-dim']}-d: all sites must use the same encoder")
-        check_provenance(provenance, json.loads(info["provenance"]), f"site {node}")
-    classes = sort_classes(sorted({c for _, info in infos for c in info["classes"]}))
-    return SiteSurvey(classes, int(first["feature-dim"]), provenance, [int(info["n-train"]) for _, info in infos])
-
-
-def screen_replies(replies: list[Message], reference: ArrayRecord, transport: str,
-                   metric_keys: set[str] = TRAIN_METRICS) -> tuple[list[Message], int, int, list[int]]:
-    """(valid replies, failed count, rejected count, array bytes each valid reply sent).
-
-    Every drop is logged with its reason. The valid replies' arrays are cast to float32 in place, so a float16
-    transport is aggregated at full precision.
-    """
-    valid, failed, rejected, sent = [], 0, 0, []
-    for reply in replies:
-        node = reply.metadata.src_node_id
-        if reply.has_error():
-            failed += 1
-            log.warning("site %s failed this round: %s", node, reply.error.reason)
-            continue
-        content = reply.content
-        arrays = list(content.array_records.values())
-        metrics = list(content.metric_records.values())
-        if len(arrays) != 1 or len(metrics) != 1:
-            reason = "a reply must hold exactly one ArrayRecord and one MetricRecord"
-        else:
-            reason = fedarrays.check_update(arrays[0], reference, transport) or fedarrays.check_weight(
-                metrics[0].get("num-examples"))
-        if reason is None and set(metrics[0].keys()) != metric_keys:
-            reason = f"metric keys {sorted(metrics[0].keys())} are not {sorted(metric_keys)}"
-        if reason is None and not all(isinstance(v, int | float) and math.isfinite(v) for v in metrics[0].values()):
-            reason = "metrics hold NaN, Inf or non-scalars"
-        if reason is not None:
-            rejected += 1
-            log.warning("rejected the update of site %s: %s", node, reason)
-            continue
-        key = next(iter(content.array_records))
-        sent.append(fedarrays.record_nbytes(arrays[0]))
-        content.array_records[key] = ArrayRecord({k: fedarrays.Array(v)
-                                                  for k, v in fedarrays.to_numpy(arrays[0]).items()})
-        valid.append(reply)
-    return valid, failed, rejected, sent
-
-
-def aggregate_evaluation(replies: list[Message], n_classes: int, bins: int) -> dict[str, float]:
-    """Pooled metrics of the val and test splits from the sites' summed counts."""
-    out: dict[str, float] = {"eval-replies": 0}
-    hist_shape = (1 if n_classes == 2 else n_classes, 2, bins)
-    sums: dict[str, Any] = {}
-    for reply in replies:
-        if reply.has_error():
-            log.warning("site %s failed to evaluate: %s", reply.metadata.src_node_id, reply.error.reason)
-            continue
-        m = reply.content["metrics"]
-        try:
-            for split in ("val", "test"):
-                hist = np.asarray(m[f"{split}-hist"], dtype=np.int64).reshape(hist_shape)
-                cm = np.asarray(m[f"{split}-confusion"], dtype=np.int64).reshape(n_classes, n_classes)
-                if (hist < 0).any() or (cm < 0).any() or not math.isfinite(m[f"{split}-loss-sum"]):
-                    raise ValueError("negative counts or non-finite loss")
-                sums[f"{split}-hist"] = sums.get(f"{split}-hist", 0) + hist
-                sums[f"{split}-confusion"] = sums.get(f"{split}-confusion", 0) + cm
-                sums[f"{split}-n"] = sums.get(f"{split}-n", 0) + int(m[f"{split}-n"])
-                sums[f"{split}-loss-sum"] = sums.get(f"{split}-loss-sum", 0.0) + float(m[f"{split}-loss-sum"])
-        except (KeyError, ValueError, TypeError) as err:
-            log.warning("rejected the evaluation of site %s: %s", reply.metadata.src_node_id, err)
-            continue
-        out["eval-replies"] += 1
-    for split in ("val", "test"):
-        n = sums.get(f"{split}-n", 0)
-        out[f"{split}-n"] = n
-        if n:
-            out[f"{split}-loss"] = sums[f"{split}-loss-sum"] / n
-            out[f"{split}-auc"] = histogram_auc(sums[f"{split}-hist"])
-            for k, v in confusion_metrics(sums[f"{split}-confusion"]).items():
-                out[f"{split}-{k}"] = v
-    return out
-
-
-def summarise(row: dict[str, Any]) -> str:
-    """One readable line per round for the log (``metrics.jsonl`` has everything)."""
-    parts = [f"{row['aggregated']}/{row['sampled']} updates aggregated ({row['failed']} failed, "
-             f"{row['rejected']} rejected)"]
-    if "train-loss" in row:
-        parts.append(f"train loss {row['train-loss']:.3f}")
-    for split in ("val", "test"):
-        if row.get(f"{split}-n"):
-            parts.append(f"{split} loss {row[f'{split}-loss']:.3f} AUC {row[f'{split}-auc']:.3f} "
-                         f"(n={row[f'{split}-n']})")
-    if "bytes-per-client" in row:
-        parts.append(f"{row['bytes-per-client'] / 1e6:.2f} MB/site")
-    if "dp-epsilon" in row:
-        parts.append(f"privacy spent epsilon {row['dp-epsilon']:.3g} at delta {row['dp-delta']:g}")
-    return "; ".join([*parts, f"{row['seconds']:.1f} s"])
 
 
 def _score(metrics: dict[str, float], select_on: str) -> float:

@@ -1,0 +1,117 @@
+"""What the sites send back, checked and summed: training replies screened, evaluation counts pooled.
+
+A federation must survive a site that fails, answers late or sends something
+malformed (other array names or shapes, another dtype, NaN/Inf, a non-positive
+bag count): each such reply is dropped here with its reason logged, so the
+round loop (:mod:`wsi_fl.server.loop`) aggregates only valid updates. The
+federated metrics are computed from summed histograms and confusion counts
+(:mod:`wsi_fl.federation.histograms`): the pooled AUC over all sites' slides,
+while no per-slide score leaves a site.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, Message
+
+from wsi_fl.federation import arrays as fedarrays
+from wsi_fl.federation.histograms import confusion_metrics, histogram_auc
+
+log = logging.getLogger("wsi_fl.server")
+
+#: What a training reply's MetricRecord holds (the weight FedAvg uses, and the site's mean training loss).
+TRAIN_METRICS = {"num-examples", "train-loss"}
+
+
+def screen_replies(replies: list[Message], reference: ArrayRecord, transport: str,
+                   metric_keys: set[str] = TRAIN_METRICS) -> tuple[list[Message], int, int, list[int]]:
+    """(valid replies, failed count, rejected count, array bytes each valid reply sent).
+
+    Every drop is logged with its reason. The valid replies' arrays are cast to float32 in place, so a float16
+    transport is aggregated at full precision.
+    """
+    valid, failed, rejected, sent = [], 0, 0, []
+    for reply in replies:
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            failed += 1
+            log.warning("site %s failed this round: %s", node, reply.error.reason)
+            continue
+        content = reply.content
+        arrays = list(content.array_records.values())
+        metrics = list(content.metric_records.values())
+        if len(arrays) != 1 or len(metrics) != 1:
+            reason = "a reply must hold exactly one ArrayRecord and one MetricRecord"
+        else:
+            reason = fedarrays.check_update(arrays[0], reference, transport) or fedarrays.check_weight(
+                metrics[0].get("num-examples"))
+        if reason is None and set(metrics[0].keys()) != metric_keys:
+            reason = f"metric keys {sorted(metrics[0].keys())} are not {sorted(metric_keys)}"
+        if reason is None and not all(isinstance(v, int | float) and math.isfinite(v) for v in metrics[0].values()):
+            reason = "metrics hold NaN, Inf or non-scalars"
+        if reason is not None:
+            rejected += 1
+            log.warning("rejected the update of site %s: %s", node, reason)
+            continue
+        key = next(iter(content.array_records))
+        sent.append(fedarrays.record_nbytes(arrays[0]))
+        content.array_records[key] = ArrayRecord({k: fedarrays.Array(v)
+                                                  for k, v in fedarrays.to_numpy(arrays[0]).items()})
+        valid.append(reply)
+    return valid, failed, rejected, sent
+
+
+def aggregate_evaluation(replies: list[Message], n_classes: int, bins: int) -> dict[str, float]:
+    """Pooled metrics of the val and test splits from the sites' summed counts."""
+    out: dict[str, float] = {"eval-replies": 0}
+    hist_shape = (1 if n_classes == 2 else n_classes, 2, bins)
+    sums: dict[str, Any] = {}
+    for reply in replies:
+        if reply.has_error():
+            log.warning("site %s failed to evaluate: %s", reply.metadata.src_node_id, reply.error.reason)
+            continue
+        m = reply.content["metrics"]
+        try:
+            for split in ("val", "test"):
+                hist = np.asarray(m[f"{split}-hist"], dtype=np.int64).reshape(hist_shape)
+                cm = np.asarray(m[f"{split}-confusion"], dtype=np.int64).reshape(n_classes, n_classes)
+                if (hist < 0).any() or (cm < 0).any() or not math.isfinite(m[f"{split}-loss-sum"]):
+                    raise ValueError("negative counts or non-finite loss")
+                sums[f"{split}-hist"] = sums.get(f"{split}-hist", 0) + hist
+                sums[f"{split}-confusion"] = sums.get(f"{split}-confusion", 0) + cm
+                sums[f"{split}-n"] = sums.get(f"{split}-n", 0) + int(m[f"{split}-n"])
+                sums[f"{split}-loss-sum"] = sums.get(f"{split}-loss-sum", 0.0) + float(m[f"{split}-loss-sum"])
+        except (KeyError, ValueError, TypeError) as err:
+            log.warning("rejected the evaluation of site %s: %s", reply.metadata.src_node_id, err)
+            continue
+        out["eval-replies"] += 1
+    for split in ("val", "test"):
+        n = sums.get(f"{split}-n", 0)
+        out[f"{split}-n"] = n
+        if n:
+            out[f"{split}-loss"] = sums[f"{split}-loss-sum"] / n
+            out[f"{split}-auc"] = histogram_auc(sums[f"{split}-hist"])
+            for k, v in confusion_metrics(sums[f"{split}-confusion"]).items():
+                out[f"{split}-{k}"] = v
+    return out
+
+
+def summarise(row: dict[str, Any]) -> str:
+    """One readable line per round for the log (``metrics.jsonl`` has everything)."""
+    parts = [f"{row['aggregated']}/{row['sampled']} updates aggregated ({row['failed']} failed, "
+             f"{row['rejected']} rejected)"]
+    if "train-loss" in row:
+        parts.append(f"train loss {row['train-loss']:.3f}")
+    for split in ("val", "test"):
+        if row.get(f"{split}-n"):
+            parts.append(f"{split} loss {row[f'{split}-loss']:.3f} AUC {row[f'{split}-auc']:.3f} "
+                         f"(n={row[f'{split}-n']})")
+    if "bytes-per-client" in row:
+        parts.append(f"{row['bytes-per-client'] / 1e6:.2f} MB/site")
+    if "dp-epsilon" in row:
+        parts.append(f"privacy spent epsilon {row['dp-epsilon']:.3g} at delta {row['dp-delta']:g}")
+    return "; ".join([*parts, f"{row['seconds']:.1f} s"])
