@@ -7,7 +7,7 @@ input, 130 interrupted (Ctrl-C or SIGTERM).
 Building the parser imports only the standard library and the stdlib-only
 config dataclasses the options come from; a subcommand imports its heavy work
 (torch, Flower, OpenSlide...) when it runs. So ``wsi-fl --help`` and every
-``wsi-fl <command> --help`` answer at once (``tests/test_cli.py`` checks what
+``wsi-fl <command> --help`` answer at once (``tests/cli/test_cli.py`` checks what
 they import; ``scripts/bench_startup.py`` times them).
 """
 

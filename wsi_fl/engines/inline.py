@@ -9,7 +9,7 @@ tamper with its reply; :meth:`InlineGrid.disconnect` makes it leave for good.
 
 Why it exists: each simulation-engine run starts and stops a Ray cluster
 (tens of seconds on a 2-core machine), which dominates small federations.
-Results are the same: tests/test_federated.py checks that a simulation-engine
+Results are the same: tests/federation/test_federated.py checks that a simulation-engine
 run and an inline run with the same seed give the same per-round metrics.
 Use the simulation engine (:func:`wsi_fl.engines.simulation.simulate`) or the
 deployment engine for anything that is not a test or an accuracy benchmark.

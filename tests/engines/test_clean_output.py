@@ -22,7 +22,7 @@ import pytest
 from wsi_fl._logging import LOG_LEVEL_ENV, configure_logging
 from wsi_fl.engines.simulation import RUN_SIMULATION_DEPRECATED, SITE_ENV, _quiet_engine
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 #: Lines a user would have to learn to ignore, by what prints them.
 NOISE = {

@@ -2,7 +2,7 @@
 
 Most tests deliver messages with the in-process grid of :mod:`wsi_fl.engines.inline` (fast);
 ``test_simulation_engine_end_to_end`` runs Flower's simulation engine and
-``tests/test_deployment.py`` the deployment engine.
+``tests/scenarios/test_deployment.py`` the deployment engine.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from wsi_fl.server.strategies import list_strategies
 from wsi_fl.site.app import CLIENT_KEYS, make_client_app
 from wsi_fl.site.data import discover_cohort, load_site
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SMALL = {"hidden_dim": 32, "attn_dim": 16, "lr": 2e-3, "test_frac": 0.3, "val_frac": 0.2, "min_available_nodes": 3}
 
 

@@ -28,7 +28,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.verification import PolicyBuilder, Store
-from test_deployment import _left_running
+from processes import left_running
 
 from wsi_fl.cli.main import main
 from wsi_fl.deploy import certs as tlscerts
@@ -248,6 +248,6 @@ def test_tls_federation_refuses_an_unregistered_supernode(tmp_path):
             os.kill(pid, 0)
     if Path("/proc/self/environ").exists():
         deadline = time.monotonic() + 15
-        while (left := _left_running(work / "flwr-home")) and time.monotonic() < deadline:
+        while (left := left_running(work / "flwr-home")) and time.monotonic() < deadline:
             time.sleep(0.5)
         assert not left, f"processes left running: {left}"

@@ -37,7 +37,7 @@ from wsi_fl.site.policy import (
     suppress_small_splits,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SMALL = {"hidden_dim": 32, "attn_dim": 16, "lr": 2e-3, "test_frac": 0.3, "val_frac": 0.2, "auc_bins": 20}
 
 

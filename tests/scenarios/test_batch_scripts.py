@@ -24,7 +24,7 @@ from preprocessing.h5format import read_features
 from preprocessing.pipeline import merge_manifests
 from wsi_fl.cli import main
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SBATCH = ROOT / "scripts" / "slurm" / "preprocess_array.sbatch"
 K8S_JOB = ROOT / "scripts" / "k8s" / "preprocess-job.yaml"
 K8S_MERGE = ROOT / "scripts" / "k8s" / "merge-manifests-job.yaml"

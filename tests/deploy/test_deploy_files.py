@@ -1,4 +1,4 @@
-"""The deployment files agree with the code they describe (fast; tests/test_container.py builds and runs them).
+"""The deployment files agree with the code they describe (fast; tests/scenarios/test_container.py runs them).
 
 A compose file or a Dockerfile is code nobody imports: a renamed certificate, a node-config key that no longer
 exists or a version pin that drifted from setup.cfg would only show at a hospital. These tests read them.
@@ -23,7 +23,7 @@ from wsi_fl.cli.main import command_names
 from wsi_fl.deploy import image_lock
 from wsi_fl.site.policy import load_policy
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker" / "compose.yaml"
 SITES = ("site_1", "site_2", "site_3")
 

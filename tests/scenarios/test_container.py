@@ -29,7 +29,7 @@ from wsi_fl.engines._processes import tail
 
 pytestmark = [pytest.mark.slow, pytest.mark.container]
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TAG = "test"
 IMAGES = {"site": f"localhost/wsi-fl-site:{TAG}", "server": f"localhost/wsi-fl-server:{TAG}"}
 SLIDE = "cmu-1-small-region.svs"

@@ -18,25 +18,13 @@ from pathlib import Path
 
 import pytest
 from bagsites import make_cohort
+from processes import left_running
 
 from models.checkpoint import load_checkpoint
 from wsi_fl.cli.main import main
 from wsi_fl.engines import deployment
 from wsi_fl.engines._flower import flower_env
 from wsi_fl.engines._processes import Processes, is_running, tail, with_environment
-
-
-def _left_running(flwr_home: Path) -> list[int]:
-    """PIDs of live processes (not zombies) with this ``FLWR_HOME``: whatever a federation left behind."""
-    needle, found = f"FLWR_HOME={flwr_home}".encode(), []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-            if state != "Z" and needle in (proc / "environ").read_bytes().split(b"\0"):
-                found.append(int(proc.name))
-        except (OSError, IndexError):
-            continue
-    return found
 
 
 def test_rehearse_help():
@@ -90,7 +78,7 @@ def test_stop_all_stops_an_orphan_started_after_the_snapshot(tmp_path):
         assert orphan_pid in with_environment(f"FLWR_HOME={flwr_home}")
         procs.stop_all(grace=2)
         assert not is_running(orphan_pid)
-        assert _left_running(flwr_home) == []
+        assert left_running(flwr_home) == []
     finally:  # a failure here must not leave the orphan behind for the rest of the suite
         with contextlib.suppress(ProcessLookupError):
             os.kill(orphan_pid, 9)
@@ -131,6 +119,6 @@ def test_local_deployment_survives_a_killed_supernode(tmp_path):
             os.kill(pid, 0)
     if Path("/proc/self/environ").exists():
         deadline = time.monotonic() + 15  # app processes notice their SuperNode is gone within seconds
-        while (left := _left_running(work / "flwr-home")) and time.monotonic() < deadline:
+        while (left := left_running(work / "flwr-home")) and time.monotonic() < deadline:
             time.sleep(0.5)
         assert not left, f"processes left running: {left}"

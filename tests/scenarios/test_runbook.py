@@ -12,7 +12,7 @@ The runbook tags what is tested:
 
 :func:`test_every_tagged_block_is_tested_and_every_tested_block_tagged` ties the two sides together: a tag
 no test names, or a name no tag carries, fails, so the runbook and its tests cannot drift apart. Container
-commands (``podman run ...``) are run by ``tests/test_container.py``, with the images it builds.
+commands (``podman run ...``) are run by ``tests/scenarios/test_container.py``, with the images it builds.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ from wsi_fl.mil.training import TrainConfig
 from wsi_fl.server.loop import client_config
 from wsi_fl.site.app import make_client_app
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "hospital-runbook.md"
 BIN = Path(sys.executable).parent  # this environment's wsi-fl, python, flwr, flower-supernode
 MARK = re.compile(r"^<!-- runbook-(test|message): ([a-z0-9-]+) -->$", re.M)
