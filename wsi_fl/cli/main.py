@@ -28,6 +28,11 @@ from wsi_fl.errors import WsiFlError
 #: ``register(sub)``, which adds its parser, and ``run(args) -> int``.
 COMMANDS = ("synth", "preprocess", "train", "federate", "evaluate", "mil_benchmark", "rehearse", "certs", "demo")
 
+DESCRIPTION = ("Federated attention-MIL on whole-slide images: preprocess slides into features at each\n"
+               "hospital, train and evaluate slide-level models, federate them with Flower.")
+EPILOG = ("exit codes: 0 success, 1 some item failed (the rest were done), 2 bad options or input, 130 interrupted.\n"
+          "`wsi-fl COMMAND --help` lists a command's options.")
+
 #: What a subcommand raises on purpose about its inputs or settings: a one-line message and exit code 2.
 #: Anything else is a bug and keeps its traceback.
 PROJECT_ERRORS = (WsiFlError, PreprocessingError)
@@ -41,7 +46,8 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="wsi-fl", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="wsi-fl", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"wsi-fl {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:

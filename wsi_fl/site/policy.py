@@ -71,7 +71,7 @@ def _registered_models() -> tuple[str, ...]:
 
 
 def _registered_strategies() -> tuple[str, ...]:
-    return get_args(StrategyName)  # the registry's names (a test keeps them equal); the site loads no server code
+    return tuple(sorted(get_args(StrategyName)))  # the registry's names (a test keeps them equal), no server code
 
 
 @dataclass(frozen=True)
