@@ -136,10 +136,12 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return model.to(map_location).eval(), ckpt
 
 
-def check_provenance(expected: Mapping[str, Any], found: Mapping[str, Any], source: str) -> None:
+def check_provenance(expected: Mapping[str, Any], found: Mapping[str, Any], source: str, *,
+                     expected_from: str = "checkpoint") -> None:
     """Raise :class:`ProvenanceError` naming ``source`` and every key where ``found`` differs from ``expected``.
 
-    ``expected`` is the checkpoint's provenance, ``found`` a feature file's
+    ``expected`` is the checkpoint's provenance (or, across sites, the first
+    site's: ``expected_from`` names it), ``found`` a feature file's
     attributes. Keys absent from ``expected`` are not checked (an older
     checkpoint may record fewer); a key in ``expected`` but missing from
     ``found`` is a mismatch. Floats (``target_mpp``) compare with a relative
@@ -149,13 +151,17 @@ def check_provenance(expected: Mapping[str, Any], found: Mapping[str, Any], sour
     for key, want in expected.items():
         want = _plain(want, key)
         if key not in found:
-            mismatches.append(f"{key}: checkpoint {want!r} vs features (missing)")
+            mismatches.append(f"{key}: {expected_from} {want!r} vs features (missing)")
             continue
         have = _plain(found[key], key)
         if not attr_equal(want, have):
-            mismatches.append(f"{key}: checkpoint {want!r} vs features {have!r}")
+            mismatches.append(f"{key}: {expected_from} {want!r} vs features {have!r}")
     if mismatches:
-        raise ProvenanceError(f"{source}: features do not match the model's feature space: {'; '.join(mismatches)}")
+        space = "the model's" if expected_from == "checkpoint" else f"{expected_from}'s"
+        hint = ("; features must come from the same weight file (its sha256) everywhere: install the same"
+                " release at every site (`wsi-fl encoders` shows where it is)"
+                if any(m.startswith("weights:") for m in mismatches) else "")
+        raise ProvenanceError(f"{source}: features do not match {space} feature space: {'; '.join(mismatches)}{hint}")
 
 
 def _plain(value: Any, where: str) -> Any:

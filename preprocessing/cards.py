@@ -19,8 +19,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
+from preprocessing._card_catalogue import ENTRIES
 from wsi_fl._registry import Registry
 
 __all__ = ["CARDS", "ModelCard", "get_card", "list_cards", "register_card"]
@@ -54,13 +55,18 @@ class ModelCard:
     commercial: bool  #: whether the licence allows commercial use
     gated: bool  #: whether access to the release needs an approved request
     weight_files: tuple[str, ...]  #: file names of the release, preferred first
-    arch_kwargs: Mapping[str, Any] = field(default_factory=dict)  #: arguments of the public definition
+    #: arguments of the public definition (timm ``create_model`` kwargs or the transformers config's);
+    #: plain data only: layers are named (``"swiglu_packed"``, ``"silu"``) and resolved on the torch side
+    arch_kwargs: Mapping[str, Any] = field(default_factory=dict)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     #: inference precision per device type; CPU stays fp32 (no fast half precision on most hospital CPUs)
     precision: Mapping[str, Precision] = field(default_factory=lambda: {"cpu": "fp32", "cuda": "fp16"})
     #: prefix the release puts before the network's state-dict keys (stripped when loading)
     key_prefix: str = ""
+    #: a pooling head the release puts on top of the trunk (``pooling="pooled"``), by name in
+    #: :mod:`preprocessing.foundation`, e.g. ``conch_attn_pool``; empty for plain trunks
+    head: str = ""
     params_m: float = 0.0  #: parameters in millions (for memory planning; large ones are tested on ``meta``)
     reference: str = ""  #: URL of the public model card / paper
     notes: str = ""  #: anything a user must know (e.g. "trained at mixed magnifications")
@@ -73,6 +79,16 @@ class ModelCard:
             problems.append("weight_files is empty")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             problems.append("mean/std need 3 values each, std > 0")
+        if self.library not in get_args(Library):
+            problems.append(f"library {self.library!r} is not one of {get_args(Library)}")
+        if self.pooling not in get_args(Pooling):
+            problems.append(f"pooling {self.pooling!r} is not one of {get_args(Pooling)}")
+        if self.head and self.pooling != "pooled":
+            problems.append("a head pools by itself: pooling must be 'pooled'")
+        if not set(self.precision.values()) <= set(get_args(Precision)) or "cpu" not in self.precision:
+            problems.append(f"precision needs a 'cpu' entry and values in {get_args(Precision)}")
+        if any("/" in f or "\\" in f for f in self.weight_files):
+            problems.append("weight_files are file names, not paths")
         if problems:
             raise ValueError(f"model card {self.name!r}: {'; '.join(problems)}")
 
@@ -102,29 +118,10 @@ def list_cards() -> list[ModelCard]:
 
 
 # -- the catalogue -------------------------------------------------------------------
-# One ``register_card`` per encoder, grouped by publisher. Keep the facts traceable:
-# ``reference`` points at the public model card they come from.
+# The facts live in ``_card_catalogue`` (plain dicts, grouped by publisher, each with the
+# ``reference`` they come from); registering them here keeps the dataclass the only place
+# that validates a card.
 
-register_card(ModelCard(
-    name="resnet50_trunc", title="ResNet-50 to layer3 (ImageNet; CLAM's baseline)", library="torchvision",
-    arch="resnet50", dim=1024, input_size=224, tile_size=224, mpp=0.5, pooling="pooled",
-    repo_id="torchvision ResNet50_Weights.IMAGENET1K_V1", licence="BSD-3-Clause", commercial=True, gated=False,
-    weight_files=("resnet50-0676ba61.pth", "resnet50-11ad3fa6.pth"), params_m=8.5,
-    reference="https://pytorch.org/vision/stable/models/generated/torchvision.models.resnet50.html",
-))
-register_card(ModelCard(
-    name="resnet18_trunc", title="ResNet-18 to layer3 (ImageNet; fast, for tests)", library="torchvision",
-    arch="resnet18", dim=256, input_size=224, tile_size=224, mpp=0.5, pooling="pooled",
-    repo_id="torchvision ResNet18_Weights.IMAGENET1K_V1", licence="BSD-3-Clause", commercial=True, gated=False,
-    weight_files=("resnet18-f37072fd.pth",), params_m=2.8,
-    reference="https://pytorch.org/vision/stable/models/generated/torchvision.models.resnet18.html",
-))
-register_card(ModelCard(
-    name="uni_v1", title="UNI (ViT-L/16, MahmoodLab)", library="timm", arch="vit_large_patch16_224",
-    arch_kwargs={"img_size": 224, "patch_size": 16, "init_values": 1e-5, "num_classes": 0,
-                 "dynamic_img_size": True},
-    dim=1024, input_size=224, tile_size=256, mpp=0.5, pooling="cls",
-    repo_id="MahmoodLab/UNI", licence="CC-BY-NC-ND-4.0", commercial=False, gated=True,
-    weight_files=("pytorch_model.bin",), params_m=303.4,
-    reference="https://huggingface.co/MahmoodLab/UNI",
-))
+for _entry in ENTRIES:
+    register_card(ModelCard(**_entry))
+del _entry

@@ -1,32 +1,38 @@
-"""Patch encoders: a small registry of frozen CNN trunks plus any TorchScript file.
+"""Patch encoders: one registry of frozen networks by name, plus any TorchScript or ``torch.export`` file.
 
 Why a registry: adding an encoder is one decorated factory function, and the
-CLI, the pipeline and the benchmarks find it by name. Why fingerprints: every
-feature file records *which weights* produced it (``sha256:<hex>`` of the weights
-file, or ``random-init``), so features from different hospitals can be checked
-to come from the same encoder before they are trained on together.
+CLI, the pipeline and the benchmarks find it by name. Every model card of
+:mod:`preprocessing.cards` built with timm or transformers is registered here
+by one generic factory (:func:`build_network` + strict local loading from
+:mod:`preprocessing.weights`). Why fingerprints: every feature file records
+*which weights* produced it (``sha256:<hex>`` of the weights file, or
+``random-init``), so features from different hospitals can be checked to come
+from the same encoder before they are trained on together.
 
 Weights are never downloaded (the tool must run on air-gapped hospital machines):
-they come from ``weights=`` or from torchvision's files already in the local
-torch hub cache; otherwise :class:`EncoderError` says where it looked and how to
-go on (``--weights`` or ``--random-init``).
+they come from ``weights=`` (a file or a folder), the site's weights catalogue
+(``weights_dir=`` or ``$WSI_FL_WEIGHTS_DIR``), the model hub's local cache, or
+for the ResNets torchvision's files in the local torch hub cache; otherwise
+:class:`EncoderError` says where it looked and how to go on (``--weights``,
+``--weights-dir`` or ``--random-init``).
 
 The registered CNNs are the CLAM baseline: a torchvision ResNet cut after
 ``layer3`` and globally average-pooled. They are fully convolutional, so they take
 tiles of any size (CLAM feeds 256 px tiles to a 224 px ImageNet model). For
 inference the batch norms are folded into the convolutions and the model runs in
 ``channels_last``, which oneDNN executes faster on CPU; outputs equal the plain
-model's up to float rounding.
+model's up to float rounding. The ViTs of the cards take ``input_size`` only:
+tiles of another size are resized (bilinear, antialiased).
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
-import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import torch
@@ -34,7 +40,10 @@ from torch import nn
 
 from wsi_fl._registry import Registry
 
-from .errors import PreprocessingError
+from .cards import CARDS, ModelCard, list_cards
+from .errors import EncoderError
+from .programs import load_exported, load_program, load_torchscript
+from .weights import check_blob, file_fingerprint, load_network, read_state_dict, resolve_weights, search_description
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -42,8 +51,10 @@ __all__ = [
     "Encoder",
     "EncoderError",
     "create_encoder",
+    "encoder_for_card",
     "file_fingerprint",
     "list_encoders",
+    "load_exported",
     "load_torchscript",
     "register_encoder",
     "resnet_trunc",
@@ -52,23 +63,20 @@ __all__ = [
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RANDOM_INIT = "random-init"
-
-
-class EncoderError(PreprocessingError):
-    """An encoder that cannot be built; ``str(err)`` is one line saying what to do."""
-
-    def __init__(self, message: str):
-        super().__init__(" ".join(str(message).split()))
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
 class Encoder:
     """A frozen feature extractor and the input convention it was trained with.
 
-    ``model`` maps a float32 NCHW batch, normalised by :meth:`preprocess`, to
+    ``model`` maps a float NCHW batch, normalised by :meth:`preprocess`, to
     ``(batch, dim)`` features. ``fixed_input_size`` is set for models that only
-    accept ``input_size`` inputs (TorchScript files: we cannot know), so
+    accept ``input_size`` inputs (ViTs, TorchScript and exported files), so
     :meth:`preprocess` resizes tiles of another size; CNN trunks take any size.
+    ``precisions`` is the card's inference precision per device type: the model
+    and its inputs are cast to it when moved (:meth:`to`), so what the features
+    record (:attr:`precision`) is what ran.
     """
 
     name: str
@@ -80,15 +88,38 @@ class Encoder:
     weights: str
     fixed_input_size: bool = False
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    card: str = ""  #: the model card's name; "" for a TorchScript/exported file
+    precisions: Mapping[str, str] = field(default_factory=lambda: {"cpu": "fp32"})
+
+    def precision_on(self, device: str | torch.device) -> str:
+        """``fp32``, ``fp16`` or ``bf16``: the precision this encoder runs in on ``device`` (fp32 if unlisted)."""
+        return self.precisions.get(torch.device(device).type, "fp32")
+
+    @property
+    def precision(self) -> str:
+        return self.precision_on(self.device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.precision]
+
+    @property
+    def transform(self) -> dict[str, Any]:
+        """What :meth:`preprocess` does to a uint8 tile, as recorded in the feature files."""
+        return {"resize": self.input_size if self.fixed_input_size else None, "interpolation": "bilinear",
+                "antialias": True, "mean": list(self.mean), "std": list(self.std)}
 
     def to(self, device: str | torch.device) -> Encoder:
-        """Move the model to ``device`` (in place) and return self."""
+        """Move the model to ``device`` in that device's precision (in place) and return self."""
         self.device = torch.device(device)
-        self.model.to(self.device)
+        if set(self.precisions.values()) <= {"fp32"}:
+            self.model.to(self.device)  # also TorchScript modules, which take no dtype
+        else:
+            self.model.to(self.device, self.dtype)
         return self
 
     def preprocess(self, batch: torch.Tensor) -> torch.Tensor:
-        """uint8 ``(n, h, w, 3)`` tiles -> normalised float32 NCHW in ``channels_last`` memory format.
+        """uint8 ``(n, h, w, 3)`` tiles -> normalised NCHW in ``channels_last`` memory format, in :attr:`dtype`.
 
         ``permute`` of NHWC *is* a channels_last NCHW view, so this is one fused
         pass (convert, scale, shift) with no layout copy. Run it on the model's
@@ -103,7 +134,8 @@ class Encoder:
         std = torch.tensor(self.std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
         mean = torch.tensor(self.mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
         scale = 1.0 / (255.0 * std)
-        return x.mul_(scale).sub_(mean / std).contiguous(memory_format=torch.channels_last)
+        x = x.mul_(scale).sub_(mean / std).contiguous(memory_format=torch.channels_last)
+        return x if self.dtype == torch.float32 else x.to(self.dtype)
 
     @torch.inference_mode()
     def __call__(self, batch_uint8_nhwc: torch.Tensor) -> torch.Tensor:
@@ -111,7 +143,8 @@ class Encoder:
         return self.model(self.preprocess(batch_uint8_nhwc.to(self.device)))
 
 
-#: ``factory(weights, random_init) -> Encoder``; ``weights`` is an existing file or None.
+#: ``factory(weights, random_init) -> Encoder``; ``weights`` is an existing file or None (the factory
+#: may then look in places of its own, as the ResNets do in the torch hub cache).
 EncoderFactory = Callable[[Path | None, bool], Encoder]
 ENCODERS: Registry[EncoderFactory] = Registry("encoder")
 
@@ -134,11 +167,14 @@ def create_encoder(
     input_size: int | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    weights_dir: str | os.PathLike | None = None,
 ) -> Encoder:
-    """A registered encoder by name, or a TorchScript file by path, in eval mode on ``device``.
+    """A registered encoder by name, or a TorchScript/``.pt2`` file by path, in eval mode on ``device``.
 
-    ``input_size``/``mean``/``std`` apply to TorchScript files only (defaults:
-    224 px and ImageNet statistics); a registered encoder knows its own.
+    ``weights`` is a file or a folder (snapshot or hub cache); without it the
+    site catalogue (``weights_dir``, default ``$WSI_FL_WEIGHTS_DIR``) and the
+    hub cache are searched. ``input_size``/``mean``/``std`` apply to files only
+    (defaults: 224 px and ImageNet statistics); a registered encoder knows its own.
     """
     key = str(name_or_path)
     if weights is not None and random_init:
@@ -146,77 +182,72 @@ def create_encoder(
     if key in ENCODERS:
         if input_size is not None or mean is not None or std is not None:
             raise EncoderError(f"input_size/mean/std are fixed for the registered encoder {key!r}")
-        path = _existing_weights(weights) if weights is not None else None
+        path = None if random_init else _registered_weights(key, weights, weights_dir)
         encoder = ENCODERS.get(key)(path, random_init)
         encoder.model.eval().requires_grad_(False)
         return encoder.to(device)
     if Path(key).is_file():
         if weights is not None or random_init:
-            raise EncoderError(f"{Path(key).name} is a TorchScript file with its own weights;"
-                               " drop --weights/--random-init")
-        return load_torchscript(key, device=device, input_size=input_size or 224,
-                                mean=mean or IMAGENET_MEAN, std=std or IMAGENET_STD)
-    raise EncoderError(f"unknown encoder {key!r}: use one of {', '.join(list_encoders())}"
-                       " or the path of a TorchScript file")
+            raise EncoderError(f"{Path(key).name} is a model file with its own weights; drop --weights/--random-init")
+        return load_program(key, device=device, input_size=input_size or 224, mean=mean or IMAGENET_MEAN,
+                            std=std or IMAGENET_STD)
+    raise EncoderError(f"unknown encoder {key!r}: use one of {', '.join(list_encoders())} (`wsi-fl encoders`"
+                       " lists them) or the path of a TorchScript (.pt) or torch.export (.pt2) file")
 
 
-def _existing_weights(weights: str | os.PathLike) -> Path:
-    path = Path(weights).expanduser()
-    if not path.is_file():
-        raise EncoderError(f"weights file not found: {path}")
-    return path
+def _registered_weights(name: str, weights: str | os.PathLike | None,
+                        weights_dir: str | os.PathLike | None) -> Path | None:
+    """The weight file for a registered encoder: given, or found locally through its card; None if not found."""
+    if name not in CARDS:  # an encoder registered without a card: a file, or its factory's own search
+        if weights is None:
+            return None
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise EncoderError(f"weights file not found: {path}")
+        return path
+    card = CARDS.get(name)
+    located = resolve_weights(card, weights, weights_dir)
+    if located is not None:
+        return located.path
+    also: list[Path] = []
+    if card.library == "torchvision":  # the ResNets also take torchvision's own files in the torch hub cache
+        also.append(Path(torch.hub.get_dir()) / "checkpoints")
+        if found := _find_hub_weights(card.weight_files):
+            return found
+    raise EncoderError(f"no weights for {card.name}: {search_description(card, weights_dir, also=also)};"
+                       f" install the release of {card.repo_id} ({card.licence}, {card.licence_flag}) once as in"
+                       " docs/hospital-runbook.md, or pass --weights FILE|DIR, or --random-init to try the tool")
 
 
-def file_fingerprint(path: str | os.PathLike) -> str:
-    """``sha256:<hex>`` of a file, read in 1-MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return f"sha256:{h.hexdigest()}"
+# -- model cards (timm / transformers) -----------------------------------------------
 
 
-# -- TorchScript -------------------------------------------------------------------
+def encoder_for_card(card: ModelCard, model: nn.Module, weights: str) -> Encoder:
+    """The :class:`Encoder` of a network built from ``card`` (ViTs: fixed input size, card precision)."""
+    return Encoder(name=card.name, model=model.eval().requires_grad_(False), dim=card.dim,
+                   input_size=card.input_size, mean=tuple(card.mean), std=tuple(card.std), weights=weights,
+                   fixed_input_size=True, card=card.name, precisions=dict(card.precision))
 
 
-def load_torchscript(
-    path: str | os.PathLike,
-    *,
-    device: str | torch.device = "cpu",
-    input_size: int = 224,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
-) -> Encoder:
-    """Any TorchScript model mapping ``(n, 3, s, s)`` normalised images to ``(n, dim)`` features.
+def _card_encoder(card: ModelCard, weights: Path | None, random_init: bool) -> Encoder:
+    """Generic factory of a card: strict load from a local file, or a seeded random init (tests, demos)."""
+    if random_init:
+        from .foundation import build_network
 
-    The feature dimension is found by one dummy forward at ``input_size``.
-    """
-    path = Path(path)
-    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-        raise EncoderError(f"mean and std need 3 values each (std > 0), got {tuple(mean)} and {tuple(std)}")
-    try:
-        with warnings.catch_warnings():  # torch >= 2.10 deprecates TorchScript, but it is the format we take
-            warnings.filterwarnings("ignore", "`torch.jit.load` is deprecated", DeprecationWarning)
-            model = torch.jit.load(str(path), map_location=torch.device(device))
-    except (RuntimeError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise EncoderError(f"{path.name} is not a loadable TorchScript file: {first}") from err
-    model.eval()
-    dummy = torch.zeros(1, 3, input_size, input_size, device=torch.device(device))
-    try:
-        with torch.inference_mode():
-            out = model(dummy)
-    except Exception as err:  # a scripted model can raise anything
-        raise EncoderError(f"{path.name} fails on a 1x3x{input_size}x{input_size} input"
-                           f" (set the input size): {type(err).__name__}: {str(err).strip()[:200]}") from err
-    if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != 1:
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise EncoderError(f"{path.name} must return a (batch, dim) tensor, returned {shape}")
-    return Encoder(
-        name=path.name, model=model, dim=int(out.shape[1]), input_size=input_size,
-        mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std),
-        weights=file_fingerprint(path), fixed_input_size=True, device=torch.device(device),
-    )
+        with torch.random.fork_rng(devices=[]):  # the caller's RNG state is left alone
+            torch.manual_seed(0)
+            return encoder_for_card(card, build_network(card), RANDOM_INIT)
+    if weights is None:
+        raise EncoderError(f"no weights for {card.name}: pass a weight file or random_init=True")
+    fingerprint = file_fingerprint(weights)
+    check_blob(weights, fingerprint)
+    return encoder_for_card(card, load_network(card, weights), fingerprint)
+
+
+def _register_cards() -> None:
+    for card in list_cards():
+        if card.library in ("timm", "transformers") and card.name not in ENCODERS:
+            ENCODERS.register(card.name)(partial(_card_encoder, card))
 
 
 # -- truncated ResNets (CLAM baseline) ---------------------------------------------
@@ -233,19 +264,6 @@ def _find_hub_weights(names: Sequence[str]) -> Path | None:
         if (checkpoints / name).is_file():
             return checkpoints / name
     return None
-
-
-def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle, zip and torch errors all mean "not a usable weights file"
-        detail = f"{type(err).__name__}: {str(err).strip()[:200]}"
-        raise EncoderError(f"cannot read weights {path}: {detail}") from err
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise EncoderError(f"{path} holds a {type(state).__name__}, not a state_dict")
-    return state
 
 
 def _check_hub_hash(path: Path, fingerprint: str) -> None:
@@ -308,8 +326,9 @@ def _resnet_trunc_encoder(name: str, arch: str, dim: int, weights_enum_name: str
     from .tv import import_torchvision
 
     if random_init:
-        torch.manual_seed(0)
-        model, fingerprint = resnet_trunc(arch, fold_bn=True), RANDOM_INIT
+        with torch.random.fork_rng(devices=[]):  # the caller's RNG state is left alone
+            torch.manual_seed(0)
+            model, fingerprint = resnet_trunc(arch, fold_bn=True), RANDOM_INIT
     else:
         names = _hub_checkpoint_names(getattr(import_torchvision().models, weights_enum_name))
         path = weights or _find_hub_weights(names)
@@ -318,15 +337,15 @@ def _resnet_trunc_encoder(name: str, arch: str, dim: int, weights_enum_name: str
             raise EncoderError(f"no weights for {name}: looked for {' or '.join(names)} in {where};"
                                " pass --weights FILE (a torchvision state_dict) or --random-init")
         fingerprint = file_fingerprint(path)
-        if weights is None:
+        if path.name in names:  # torchvision's names carry the file's hash: check it, wherever it was found
             _check_hub_hash(path, fingerprint)
         try:
-            model = resnet_trunc(arch, _load_state_dict(path), fold_bn=True)
+            model = resnet_trunc(arch, read_state_dict(path), fold_bn=True)
         except RuntimeError as err:  # load_state_dict: missing/unexpected keys or wrong shapes
             raise EncoderError(f"{path} does not fit {arch}: {str(err).strip().splitlines()[0]}") from err
     model = model.to(memory_format=torch.channels_last)
     return Encoder(name=name, model=model, dim=dim, input_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                   weights=fingerprint)
+                   weights=fingerprint, card=name)
 
 
 @register_encoder("resnet50_trunc")
@@ -339,3 +358,6 @@ def resnet50_trunc(weights: Path | None, random_init: bool) -> Encoder:
 def resnet18_trunc(weights: Path | None, random_init: bool) -> Encoder:
     """ImageNet ResNet-18 to layer3, average-pooled: 256-d (a fast encoder for tests and small machines)."""
     return _resnet_trunc_encoder("resnet18_trunc", "resnet18", 256, "ResNet18_Weights", weights, random_init)
+
+
+_register_cards()

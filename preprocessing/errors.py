@@ -33,3 +33,14 @@ class SlideError(PreprocessingError):
         self.path = Path(path)
         self.problem = " ".join(str(problem).split())  # always a single line
         super().__init__(f"{self.path.name}: {self.problem}")
+
+
+class EncoderError(PreprocessingError):
+    """An encoder that cannot be built or weights that cannot be used; ``str(err)`` is one line saying what to do.
+
+    Here rather than beside the encoders so that finding weights (:mod:`preprocessing.weights`, used by
+    ``wsi-fl encoders`` without torch) can raise it too.
+    """
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))

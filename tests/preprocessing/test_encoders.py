@@ -166,3 +166,84 @@ def test_preprocess_is_normalised_channels_last():
     torch.testing.assert_close(out[0, :, 0, 0], torch.tensor(expected))
     with pytest.raises(ValueError, match="uint8"):
         enc.preprocess(torch.zeros(1, 4, 4, 3))
+
+
+# -- torch.export programs (.pt2) and model-card encoders ----------------------------------------------------------
+
+
+def _export(module: nn.Module, path: Path, batch: int = 2, dynamic: bool = True) -> Path:
+    x = torch.zeros(batch, 3, 32, 32)
+    shapes = {"x": {0: torch.export.Dim("batch")}} if dynamic else None
+    torch.export.save(torch.export.export(module, (x,), dynamic_shapes=shapes), str(path))
+    return path
+
+
+def test_exported_program_file(tmp_path: Path):
+    torch.manual_seed(0)
+    module = _Tiny().eval()
+    path = _export(module, tmp_path / "tiny.pt2")
+    enc = create_encoder(str(path), input_size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    assert (enc.dim, enc.input_size, enc.name, enc.fixed_input_size) == (7, 32, "tiny.pt2", True)
+    assert enc.weights == "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+    x = _tiles(5, size=48)  # another batch size than exported, and resized to 32 px first
+    scaled = nn.functional.interpolate(x.permute(0, 3, 1, 2).float(), size=(32, 32), mode="bilinear",
+                                       antialias=True, align_corners=False)
+    with torch.no_grad():
+        expected = module((scaled / 255 - 0.5) / 0.25)
+    torch.testing.assert_close(enc(x), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_exported_program_errors_are_one_line(tmp_path: Path, capfd: pytest.CaptureFixture):
+    static = _export(_Tiny().eval(), tmp_path / "static.pt2", batch=1, dynamic=False)
+    with pytest.raises(EncoderError, match=r"exported for one batch size.*Dim\('batch'\)"):
+        create_encoder(str(static), input_size=32)
+    with pytest.raises(EncoderError, match=r"fails on a 2x3x224x224 input \(set the input size\)"):
+        create_encoder(str(_export(_Tiny().eval(), tmp_path / "dyn.pt2")))  # exported at 32 px
+    junk = tmp_path / "junk.pt2"
+    junk.write_bytes(b"not a program")
+    with pytest.raises(EncoderError, match=r"junk\.pt2 is not a torch\.export program"):
+        create_encoder(str(junk))
+    script = tmp_path / "script.pt2"  # a zip, but TorchScript's
+    torch.jit.script(_Tiny().eval()).save(str(script))
+    with pytest.raises(EncoderError, match=r"script\.pt2 is not a loadable torch\.export program") as info:
+        create_encoder(str(script))
+    assert "\n" not in str(info.value) and "Traceback" not in capfd.readouterr().err
+
+
+def test_card_encoder_records_card_precision_and_transform():
+    enc = create_encoder("kaiko-vits16", random_init=True)
+    assert (enc.card, enc.weights, enc.dim, enc.input_size, enc.fixed_input_size) == (
+        "kaiko-vits16", "random-init", 384, 224, True)
+    assert (enc.precision, enc.precision_on("cuda"), enc.dtype) == ("fp32", "fp32", torch.float32)
+    assert enc.transform == {"resize": 224, "interpolation": "bilinear", "antialias": True,
+                             "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+    from preprocessing.cards import get_card
+    from preprocessing.encoders import encoder_for_card
+
+    assert encoder_for_card(get_card("uni_v1"), nn.Identity(), "x").precision_on("cuda") == "fp16"
+    a = enc(_tiles(2, size=256))  # 256-px tiles (the card's) resized to 224
+    torch.manual_seed(99)  # the random init is seeded by itself, and leaves the caller's RNG alone
+    state = torch.get_rng_state()
+    b = create_encoder("kaiko-vits16", random_init=True)(_tiles(2, size=256))
+    assert torch.equal(state, torch.get_rng_state())
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    resnet = create_encoder("resnet18_trunc", random_init=True)
+    assert resnet.transform["resize"] is None and resnet.card == "resnet18_trunc" and resnet.precision == "fp32"
+
+
+def test_encoder_runs_in_its_cards_precision_on_the_device():
+    """A card saying bf16 for a device gets a bf16 model and bf16 inputs there (CPU stands in for a GPU here)."""
+    from preprocessing.cards import get_card
+    from preprocessing.encoders import encoder_for_card
+    from preprocessing.foundation import build_network
+
+    card = get_card("kaiko-vits16")
+    torch.manual_seed(0)
+    enc = encoder_for_card(card, build_network(card, depth=1), "x")
+    full = enc(_tiles(2, size=224))
+    enc.precisions = {"cpu": "bf16"}
+    enc.to("cpu")
+    assert enc.precision == "bf16" and next(enc.model.parameters()).dtype == torch.bfloat16
+    half = enc(_tiles(2, size=224))
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.float(), full, rtol=0.1, atol=0.1)

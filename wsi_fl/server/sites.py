@@ -95,6 +95,6 @@ def query_sites(grid: Grid, cfg: FedConfig) -> SiteSurvey:
         if int(info["feature-dim"]) != int(first["feature-dim"]):
             raise FederationError(f"site {node} has {info['feature-dim']}-d features, site {first_node} "
                                   f"{first['feature-dim']}-d: all sites must use the same encoder")
-        check_provenance(provenance, json.loads(info["provenance"]), f"site {node}")
+        check_provenance(provenance, json.loads(info["provenance"]), f"site {node}", expected_from=f"site {first_node}")
     classes = sort_classes(sorted({c for _, info in infos for c in info["classes"]}))
     return SiteSurvey(classes, int(first["feature-dim"]), provenance, [int(info["n-train"]) for _, info in infos])
