@@ -1,14 +1,18 @@
 # wsi-fl container images: one Dockerfile, two targets.
 #
-#   site    a hospital's image: `wsi-fl` (preprocessing, evaluation, `wsi-fl rehearse`) and Flower's SuperNode,
-#           which runs the ClientApp in a subprocess next to the site's data. Entry point: flower-supernode.
+#   site    a hospital's image: `wsi-fl` (preprocessing, evaluation, `wsi-fl rehearse`) and Flower's SuperNode
+#           with the site's own task runner next to the site's data. Entry point: wsi-fl-site-node
+#           (docker/site-node.sh): `flower-supernode ARGS --isolation process` plus `wsi-fl site-runner`.
 #   server  the coordinator's image: Flower's SuperLink, which runs the ServerApp in a subprocess, and `wsi-fl`
 #           (`wsi-fl certs` writes the federation's certificates). Entry point: flower-superlink.
 #
-# Flower's `--isolation subprocess` (its default), not `process` with a separate flower-superexec container: the
-# ClientApp must see the site's data, so one container per site keeps the read-only data mounts in one place,
-# and the ClientApp's runtime API stays on 127.0.0.1. The FAB brings the app's code;
-# its dependencies are the image's (runtime installation is off).
+# Sites run only code they approved (docs/threat-model.md): Flower's default, `--isolation subprocess`, would
+# import the ClientApp from the coordinator's app bundle. The site image's SuperNode runs with `--isolation
+# process` and `wsi-fl site-runner` in the same container (one container per site: the read-only data mounts stay
+# in one place and the Runtime API on 127.0.0.1), which runs the ClientApp installed here for app releases the
+# site policy approves (approved-apps) and refuses the rest. The build records the hash of the release the image
+# carries in /opt/wsi-fl/app.sha256 (`wsi-fl app-hash /opt/wsi-fl/app`, the bundle `wsi-fl rehearse` and the
+# compose demo's coordinator ship): compare it with the one you reviewed before you approve it.
 #
 # Both run as the non-root user `app` (uid 49999, as Flower's own images). Volumes, by convention:
 #   /data       read-only: slides, labels.csv, and at a SuperNode the preprocessing output (features/)
@@ -100,8 +104,12 @@ LABEL org.opencontainers.image.title="wsi-fl" \
       org.opencontainers.image.version="0.1.0"
 COPY --from=app /app /opt/wsi-fl/app
 COPY --from=app /wheels /tmp/wheels
+COPY docker/site-node.sh /usr/local/bin/wsi-fl-site-node
 RUN pip install --no-cache-dir --no-deps /tmp/wheels/*.whl \
     && rm -rf /tmp/wheels \
+    && chmod 0755 /usr/local/bin/wsi-fl-site-node \
+    && wsi-fl app-hash /opt/wsi-fl/app > /opt/wsi-fl/app.sha256 \
+    && grep -qE '^sha256:[0-9a-f]{64}$' /opt/wsi-fl/app.sha256 \
     && wsi-fl --help > /dev/null \
     && wsi-fl rehearse --help > /dev/null \
     && wsi-fl certs --help > /dev/null \
@@ -110,11 +118,12 @@ VOLUME ["/var/lib/wsi-fl"]
 WORKDIR /var/lib/wsi-fl
 USER 49999:49999
 
-# ---- site: SuperNode (ClientApp in a subprocess) + wsi-fl for preprocessing and evaluation ----------------
-# The SuperNode only connects out (to the SuperLink); its Runtime API for the ClientApp stays on 127.0.0.1
-# inside the container. `podman run --entrypoint wsi-fl IMAGE preprocess ...` runs the preprocessing.
+# ---- site: SuperNode + the site's task runner (site-installed ClientApp) + wsi-fl for preprocessing --------
+# The SuperNode only connects out (to the SuperLink); its Runtime API, which the runner polls, stays on
+# 127.0.0.1 inside the container. Arguments are flower-supernode's. `podman run --entrypoint wsi-fl IMAGE
+# preprocess ...` runs the preprocessing.
 FROM runtime AS site
-ENTRYPOINT ["flower-supernode"]
+ENTRYPOINT ["wsi-fl-site-node"]
 CMD ["--help"]
 
 # ---- server: SuperLink (ServerApp in a subprocess) ---------------------------------------------------------

@@ -130,4 +130,49 @@ def test_compose_federation_matches_the_images_certificates_and_node_config():
                                "audit-log": "/var/lib/wsi-fl/audit.jsonl"}
         assert "--superlink=superlink:8000" in args and "--insecure" not in args
         assert policy.allows_superlink(node_config["superlink"])
-        assert mounts["/config/policy.toml"] == "./demo-policy.toml:/config/policy.toml:ro"
+        assert mounts["/config"] == "site-policy:/config:ro"  # the policy `register` writes (below)
+        # The image's entry point runs the SuperNode with --isolation process and the site's own runner.
+        assert "entrypoint" not in svc and not any(a.startswith("--isolation") for a in args)
+
+
+def test_compose_sites_approve_the_release_the_images_carry_and_run_it_through_their_runner(tmp_path):
+    """The demo's sites run only the release the images carry: the image build records its hash, `register`
+    appends it to the demo policy as approved-apps (the result is a valid policy approving exactly it), and
+    `coordinator` ships that directory; every site SuperNode runs with ``--isolation process`` and a runner."""
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "wsi-fl app-hash /opt/wsi-fl/app > /opt/wsi-fl/app.sha256" in dockerfile
+    assert "COPY docker/site-node.sh /usr/local/bin/wsi-fl-site-node" in dockerfile
+    site_stage = dockerfile.split("FROM runtime AS site", 1)[1].split("FROM runtime AS server", 1)[0]
+    assert 'ENTRYPOINT ["wsi-fl-site-node"]' in site_stage
+    entry = (ROOT / "docker" / "site-node.sh").read_text()
+    assert 'flower-supernode "$@" --isolation process &' in entry  # last: wins over a caller's --isolation
+    assert 'wsi-fl site-runner --runtime-api "127.0.0.1:$port" &' in entry and "wait -n" in entry
+    subprocess.run(["bash", "-n", str(ROOT / "docker" / "site-node.sh")], check=True)
+
+    register = services["register"]
+    script = register["command"][0]
+    assert "./demo-policy.toml:/config/demo-policy.toml:ro" in register["volumes"]
+    assert "site-policy:/var/lib/wsi-fl" in register["volumes"]
+    assert script.index("/var/lib/wsi-fl/policy.toml") < script.index("flwr supernode register")
+    assert "wsi-fl check-policy /var/lib/wsi-fl/policy.toml" in script
+    # Register's policy lines as compose runs them ($$ is a $), with a stand-in for the image's recorded hash.
+    release = "sha256:" + "ab" * 32
+    (tmp_path / "app.sha256").write_text(release + "\n")
+    shutil.copy(COMPOSE.parent / "demo-policy.toml", tmp_path / "demo-policy.toml")
+    state = tmp_path / "state"
+    state.mkdir()
+    lines = script.replace("$$", "$").splitlines()
+    policy_lines = lines[:next(i for i, x in enumerate(lines) if x.startswith("wsi-fl check-policy")) + 1]
+    text = ("\n".join(policy_lines).replace("/opt/wsi-fl/app.sha256", str(tmp_path / "app.sha256"))
+            .replace("/config/demo-policy.toml", str(tmp_path / "demo-policy.toml"))
+            .replace("/var/lib/wsi-fl", str(state)))
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"}
+    run = subprocess.run(["bash", "-euc", text], capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 0 and "a valid site policy" in run.stdout, run.stdout + run.stderr
+    assert load_policy(state / "policy.toml").approved_apps == (release,)
+    assert load_policy(COMPOSE.parent / "demo-policy.toml").approved_apps == ()  # the file alone approves nothing
+
+    coordinator = services["coordinator"]
+    assert coordinator["profiles"] == ["run"] and coordinator["image"] == "localhost/wsi-fl-server:latest"
+    assert "flwr run /opt/wsi-fl/app demo" in coordinator["command"][0]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -79,6 +80,11 @@ def test_images_run_as_non_root_offline(images):
                     images["server"]])
     assert "flower-superlink" in inspect.stdout and "--enable-supernode-auth" in inspect.stdout, inspect.stdout
     assert "--insecure" not in inspect.stdout  # TLS unless asked otherwise
+    inspect = _run(["podman", "image", "inspect", "--format", "{{.Config.Entrypoint}}", images["site"]])
+    assert "wsi-fl-site-node" in inspect.stdout, inspect.stdout  # SuperNode --isolation process + the site's runner
+    out = _run(run_argv(f"wsi-fl-test-hash-{os.getpid()}", images["site"], ["cat", "/opt/wsi-fl/app.sha256"], [],
+                        network="none"))
+    assert re.fullmatch(r"sha256:[0-9a-f]{64}\n", out.stdout), out.stdout + out.stderr  # the release it carries
 
 
 def test_site_container_preprocesses_a_read_only_slide_as_this_environment_does(images, slide_file, tmp_path):
@@ -182,7 +188,8 @@ def test_supernode_containers_join_a_superlink_container_over_tls(images, tmp_pa
     logs = "\n".join(tail(p) for p in sorted(Path(result["logs"]).glob("*.log")))
     assert result["ok"] and result["status"] == "finished:completed", logs
     assert result["tls"] and result["auth"] and set(result["nodes"]) == {"site_1", "site_2", "site_3"}
-    assert set(result["containers"]) == {"superlink", "supernode-site_1", "supernode-site_2", "supernode-site_3"}
+    assert set(result["containers"]) == {"superlink", *(f"{kind}-site_{k}" for kind in ("supernode", "runner")
+                                                        for k in (1, 2, 3))}  # each site's runner: its own container
     _, ckpt = load_checkpoint(out / "last.pt")  # written by the ServerApp inside the SuperLink's container
     assert ckpt.meta["mode"] == "federated" and ckpt.meta["round"] == 1
     assert (out / "last.pt").stat().st_uid == IMAGE_UID

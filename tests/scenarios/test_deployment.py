@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from apptrees import copy_app, tamper
 from bagsites import make_cohort
 from processes import left_running
 
@@ -25,14 +26,16 @@ from wsi_fl.cli.main import main
 from wsi_fl.engines import deployment
 from wsi_fl.engines._flower import flower_env
 from wsi_fl.engines._processes import Processes, is_running, tail, with_environment
+from wsi_fl.site.approval import app_hash
 
 
 def test_rehearse_help():
     out = subprocess.run([sys.executable, "-m", "wsi_fl", "rehearse", "--help"], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr
-    for option in ("--cohort", "--rounds", "--out", "--app", "--kill-site", "--unregistered-site", "--policy",
-                   "--insecure", "--site-image", "--server-image", "--run-config", "--workdir", "--timeout"):
+    for option in ("--cohort", "--rounds", "--out", "--app", "--approve", "--kill-site", "--unregistered-site",
+                   "--policy", "--insecure", "--site-image", "--server-image", "--run-config", "--workdir",
+                   "--timeout"):
         assert option in out.stdout, option
 
 
@@ -90,15 +93,34 @@ def test_local_deployment_survives_a_killed_supernode(tmp_path):
 
     The run must still complete all rounds with the two sites left (``min-train-nodes=2``), and every process
     the rehearsal started must be gone afterwards.
+
+    The sites run the genuine app they approved (a stable copy of this checkout), through their own runners
+    (``--isolation process``). Flower's install directory of that very release (``$FLWR_HOME/apps/...``, which
+    Flower reuses by its name) is planted beforehand, altered to write a marker when its ClientApp is imported:
+    it is never loaded at a site (the site runs its installed ClientApp; the bundle is a version check only).
     """
     make_cohort(tmp_path / "cohort")
     out, work = tmp_path / "out", tmp_path / "work"
+    genuine = copy_app(tmp_path / "app")
+    marker = tmp_path / "planted-bundle-ran"
+    planted = work / "flwr-home" / "apps" / f"wsi-fl.wsi-fl.0.1.0.{app_hash(genuine)[7:15]}"
+    tamper(copy_app(planted), marker)
     result = deployment.rehearse(
         tmp_path / "cohort", out, rounds=3, workdir=work, timeout=900, kill_site="site_3", kill_after_round=1,
+        app=genuine, approve=[genuine],
         run_config="min-available-nodes=3 min-train-nodes=2 min-evaluate-nodes=2 round-timeout=60.0 "
                    "test-frac=0.3 hidden-dim=32 attn-dim=16")
     logs = "\n".join(tail(p) for p in sorted(Path(result["logs"]).glob("*.log")))
     assert result["status"] == "finished:completed", logs
+    assert result["app_hash"] == app_hash(genuine) and result["approved"] == [result["app_hash"]]
+    assert not marker.exists(), "the altered install directory of an approved release was loaded"
+    assert "leaked-slide-count" in (planted / "wsi_fl" / "site" / "app.py").read_text()  # still there, unused
+    for site in ("site_1", "site_2"):  # the site-installed ClientApp answered (its guard audited every reply)
+        events = [json.loads(x)["event"] for x in Path(result["audit_logs"][site]).read_text().splitlines()]
+        assert events.count("sent") >= 7 and "refused" not in events, events
+        runner = (Path(result["logs"]) / f"runner-{site}.log").read_text()
+        assert "approved by the site policy; running the site-installed ClientApp" in runner
+        assert runner.count("site policy from") == 1 and "interrupted" not in runner, runner  # once per runner
     assert result["ok"] and result["rounds_completed"] == 3
     assert result["killed"] == {"site_3": 1}
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -113,7 +135,8 @@ def test_local_deployment_survives_a_killed_supernode(tmp_path):
         assert ckpt.meta["mode"] == "federated" and ckpt.meta["round"] in rounds
     assert json.loads((work / "run-status.json").read_text())["status"] == "finished:completed"
     # Every SuperLink and SuperNode was stopped (and reaped), and nothing they started is left running.
-    assert set(result["pids"]) == {"superlink", "supernode-site_1", "supernode-site_2", "supernode-site_3"}
+    assert set(result["pids"]) == {"superlink", *(f"{kind}-site_{k}" for kind in ("supernode", "runner")
+                                                   for k in (1, 2, 3))}
     for pid in result["pids"].values():
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
@@ -122,3 +145,37 @@ def test_local_deployment_survives_a_killed_supernode(tmp_path):
         while (left := left_running(work / "flwr-home")) and time.monotonic() < deadline:
             time.sleep(0.5)
         assert not left, f"processes left running: {left}"
+
+
+@pytest.mark.slow
+def test_a_tampered_app_is_refused_at_every_site_before_any_of_its_code_runs(tmp_path):
+    """The coordinator ships a tampered copy of the app (its ClientApp writes a marker when imported, drops the
+    site guard and adds a metric), over TLS with SuperNode authentication; the sites approved the genuine one.
+
+    Every site's runner refuses it before anything of the bundle runs (no marker), the coordinator's run fails
+    with each site's one-line reason, nothing the tampered code would send arrives, and every site's audit log
+    records the refusal with the bundle's full hash, which is ``wsi-fl app-hash`` of the tampered tree.
+    """
+    make_cohort(tmp_path / "cohort", sizes=(6, 6, 6))
+    out, work, marker = tmp_path / "out", tmp_path / "work", tmp_path / "tampered-code-ran"
+    genuine = copy_app(tmp_path / "genuine")
+    tampered = tamper(copy_app(tmp_path / "tampered"), marker)
+    result = deployment.rehearse(tmp_path / "cohort", out, rounds=1, workdir=work, timeout=600, app=tampered,
+                                 approve=[genuine], run_config="min-available-nodes=3 test-frac=0.3 hidden-dim=32")
+    logs = Path(result["logs"])
+    shipped = app_hash(tampered)
+    assert result["app_hash"] == shipped and result["approved"] == [app_hash(genuine)] != [shipped]
+    assert not result["ok"] and result["status"] == "finished:failed" and result["rounds_completed"] == 0
+    assert not marker.exists(), "code of the tampered bundle ran"
+    assert result["tls"] and result["auth"]
+    reason = f"refused app {shipped[:19]}…: not an approved release (policy approved-apps)"
+    coordinator = (logs / "flwr-run.log").read_text()
+    for site in ("site_1", "site_2", "site_3"):
+        assert f"could not describe its data: site {site} {reason}\n" in coordinator, coordinator
+        [line] = [json.loads(x) for x in Path(result["audit_logs"][site]).read_text().splitlines()]
+        assert line["event"] == "refused" and line["app"] == shipped and line["message-type"] == "query", line
+        runner = (logs / f"runner-{site}.log").read_text()
+        assert f"WARNING wsi_fl.site.runner: site {site} {reason}" in runner, runner
+    assert "only 0 of 3 sites described their data" in coordinator
+    assert "leaked-slide-count" not in coordinator and not list(out.glob("*.pt"))
+    assert not left_running(work / "flwr-home")

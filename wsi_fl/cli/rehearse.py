@@ -17,6 +17,10 @@ written to ``--workdir``); ``--insecure`` runs plain HTTP, loopback only.
 rounds (a hospital dropping out); ``--unregistered-site SITE`` also starts an
 impostor SuperNode the SuperLink must refuse; ``--site-image`` and
 ``--server-image`` run the SuperNodes and the SuperLink in containers.
+Each site runs only app releases it approved: its SuperNode runs with
+``--isolation process`` and a ``wsi-fl site-runner`` that checks each run's
+bundle hash against the site policy's ``approved-apps`` (the genuine app's,
+or ``--approve``); an ``--app`` the sites did not approve is refused.
 Every process started is stopped again, also on errors, Ctrl-C and SIGTERM.
 Exit code 0 when the run completed every round (and an impostor was refused),
 1 when it did not (log tails on stderr), 2 for bad options.
@@ -44,6 +48,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--app", type=Path, default=None,
                    help="the Flower app directory (with pyproject.toml) the FAB is built from "
                         "[this checkout, or $WSI_FL_APP]")
+    p.add_argument("--approve", nargs="+", default=None, metavar="DIR_OR_HASH",
+                   help="app directories or sha256:... hashes the sites approve (an --app not among them is "
+                        "refused at every site) [the genuine app: this checkout, or $WSI_FL_APP]")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds the run may take [%(default)s]")
     p.add_argument("--kill-site", default=None,
                    help="rehearse a dropout: SIGKILL this site's SuperNode mid-run (see --kill-after-round)")
@@ -71,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
                           workdir=args.workdir, app=args.app, timeout=args.timeout, kill_site=args.kill_site,
                           kill_after_round=args.kill_after_round, insecure=args.insecure,
                           unregistered_site=args.unregistered_site, policy=args.policy,
-                          site_image=args.site_image, server_image=args.server_image)
+                          site_image=args.site_image, server_image=args.server_image, approve=args.approve)
     except LocalFederationError as err:  # a process died or the run timed out: the message has the log tails
         print(f"FAILED: {err}", file=sys.stderr)
         return EXIT_FAILED

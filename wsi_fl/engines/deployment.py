@@ -37,18 +37,15 @@ so ``wsi-fl rehearse --help`` stays instant.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import tomli_w
-import tomllib
 
 from wsi_fl.engines._flower import (
     CONNECTION,
@@ -61,12 +58,24 @@ from wsi_fl.engines._flower import (
     write_flwr_config,
 )
 from wsi_fl.engines._processes import HOST, LocalFederationError, Processes, free_port, tail, wait_for_port
+from wsi_fl.engines._sites import (
+    CHECKOUT,
+    SERVER_APP,
+    approve_apps,
+    approved_hashes,
+    find_app,
+    genuine_release,
+    is_app,
+    node_config,
+    site_policy,
+    toml_string,
+)
 
 if TYPE_CHECKING:
     from wsi_fl.deploy.certs import NodeKeyPair
 
-__all__ = ["LocalFederationError", "build_run_config", "failure_logs", "find_app", "node_config", "read_metrics",
-           "rehearse", "site_policy", "summary"]
+__all__ = ["CHECKOUT", "SERVER_APP", "LocalFederationError", "build_run_config", "failure_logs", "find_app", "is_app",
+           "node_config", "read_metrics", "rehearse", "site_policy", "summary", "toml_string"]
 
 UNREGISTERED = "unregistered-"  # prefix of the process name of a SuperNode whose key was never registered
 #: How Flower 1.41 reports a SuperNode the SuperLink does not know (exit code 305, API error 2004).
@@ -75,80 +84,6 @@ INSECURE_WARNING = ("WARNING: insecure local federation (plain HTTP, no TLS, no 
                     f"on {HOST} only; never use these settings across a network.")
 #: Run-config keys set by the rehearsal's own options (a passthrough run config may not set them as well).
 OWN_KEYS = ("num-server-rounds", "out-dir", "seed")
-#: The source checkout this module runs from, when it runs from one (an installed wheel has no pyproject.toml).
-CHECKOUT = Path(__file__).resolve().parents[2]
-#: What a wsi-fl app's pyproject.toml names as its ServerApp (``[tool.flwr.app.components]``).
-SERVER_APP = "wsi_fl.server.app:app"
-
-
-def is_app(directory: Path) -> bool:
-    """Whether ``directory`` holds this Flower app: its ``pyproject.toml`` names wsi-fl's ServerApp."""
-    with contextlib.suppress(OSError, tomllib.TOMLDecodeError, KeyError, TypeError, AttributeError):
-        config = tomllib.loads((Path(directory) / "pyproject.toml").read_text())
-        return config["tool"]["flwr"]["app"]["components"].get("serverapp") == SERVER_APP
-    return False
-
-
-def find_app(app: str | Path | None = None, environ: Mapping[str, str] = os.environ,
-             cwd: Path | None = None) -> Path:
-    """The Flower app directory a rehearsal ships as its FAB: ``app``, checked, or where one is found.
-
-    Without ``app``: ``$WSI_FL_APP`` (the images set it to the app's sources they carry), else the checkout this
-    package runs from (an editable install), else the current directory (a checkout with ``pip install .``, as
-    the runbook has it). Checked because ``flwr run`` ships whatever directory it is given, and a wrong one
-    would fail only in the SuperNodes' app processes. Raises :class:`ValueError` (one line) when none is this app.
-    """
-    if app is not None:
-        if not is_app(Path(app)):
-            raise ValueError(f"--app {app}: not the wsi-fl Flower app (no pyproject.toml naming {SERVER_APP})")
-        return Path(app).resolve()
-    candidates = [Path(environ["WSI_FL_APP"])] if environ.get("WSI_FL_APP") else [CHECKOUT, cwd or Path.cwd()]
-    for directory in candidates:
-        if is_app(directory):
-            return directory.resolve()
-    raise ValueError(f"no wsi-fl Flower app in {' or '.join(map(str, candidates))}: pass --app, "
-                     "a checkout of wsi-fl")
-
-
-def toml_string(value: str) -> str:
-    """``value`` quoted for Flower's ``key=value`` parser (which cannot keep a quote of the enclosing kind)."""
-    if "'" not in value:
-        return f"'{value}'"
-    if '"' not in value and "\\" not in value:
-        return f'"{value}"'
-    raise ValueError(f"{value!r}: a path with both kinds of quotes cannot be passed in a node config")
-
-
-def node_config(features: Path, labels: Path, site_name: str, **extra: str) -> str:
-    """A SuperNode's ``--node-config``: where its site's data is (:func:`wsi_fl.site.data.site_from_node_config`).
-
-    ``extra``: more string keys (``superlink``, ``policy``, ``audit_log`` for ``audit-log``).
-    """
-    pairs = {"data-path": str(features.resolve()), "labels": str(labels.resolve()), "site-name": site_name,
-             **{k.replace("_", "-"): v for k, v in extra.items()}}
-    return " ".join(f"{k}={toml_string(v)}" for k, v in pairs.items())
-
-
-def site_policy(policy: str | Path | None, superlink: str, work: Path) -> Path:
-    """The policy file every SuperNode gets; ValueError (one line) if it does not allow ``superlink``.
-
-    Without ``policy`` it is the rehearsal policy (:func:`wsi_fl.site.policy.rehearsal_policy`: synthetic sites of
-    a few slides, evaluation reported) restricted to this SuperLink, written to ``work/site-policy.toml``.
-    """
-    from dataclasses import replace
-
-    from wsi_fl.site.policy import load_policy, rehearsal_policy
-
-    if policy is None:
-        path = work / "site-policy.toml"
-        path.write_text(tomli_w.dumps(replace(rehearsal_policy(), superlink=(superlink,)).to_dict()))
-        return path
-    path = Path(policy).resolve()
-    allowed = load_policy(path)  # PolicyError is a ValueError: a bad file stops here, before any process starts
-    if not allowed.allows_superlink(superlink):
-        raise ValueError(f"--policy {path}: SuperLink {superlink} is not allowed (superlink: "
-                         f"{', '.join(allowed.superlink)}); no SuperNode started")
-    return path
 
 
 def build_run_config(rounds: int, out: Path, seed: int, n_sites: int, extra: str | None) -> dict[str, Any]:
@@ -207,7 +142,8 @@ def rehearse(cohort: str | Path, out: str | Path, rounds: int, *, seed: int = 0,
              workdir: str | Path | None = None, app: str | Path | None = None, timeout: float = 1800.0,
              startup_timeout: float = 60.0, kill_site: str | None = None, kill_after_round: int = 1,
              insecure: bool = False, unregistered_site: str | None = None, policy: str | Path | None = None,
-             site_image: str | None = None, server_image: str | None = None) -> dict[str, Any]:
+             site_image: str | None = None, server_image: str | None = None,
+             approve: Sequence[str | Path] | None = None) -> dict[str, Any]:
     """Start a SuperLink and one SuperNode per site of ``cohort``, run ``app`` for ``rounds`` rounds, stop them.
 
     ``run_config`` (``"key=value ..."``, as for ``flwr run --run-config``) is merged with ``rounds``, ``out`` and
@@ -227,6 +163,14 @@ def rehearse(cohort: str | Path, out: str | Path, rounds: int, *, seed: int = 0,
     ``policy``, which must allow this SuperLink, else the rehearsal policy; see :func:`site_policy`) and its audit
     log (``audit-log``: ``workdir/sites/SITE/audit.jsonl``; ``result["audit_logs"]``).
 
+    **Each site runs only what it approved**: its SuperNode starts with ``--isolation process`` and a
+    ``wsi-fl site-runner`` (``runner-SITE``) runs its tasks, hashing each task's app bundle and running the
+    site-installed ClientApp only for a release its policy lists under ``approved-apps``
+    (:mod:`wsi_fl.site.runner`). The sites approve ``approve`` (app directories or ``sha256:`` hashes; default:
+    the genuine app, :func:`find_app` without ``app``), unless the ``policy`` file lists releases itself; so an
+    ``app`` other than the genuine one is refused at every site (``result["app_hash"]`` is the hash of the bundle
+    shipped, ``result["approved"]`` what the sites approved) and the run fails.
+
     ``site_image`` / ``server_image`` run the SuperNodes / the SuperLink in those images (the Dockerfile's
     ``site`` and ``server`` targets) instead of this environment, with ``podman`` (or
     ``$WSI_FL_CONTAINER_ENGINE``) on the host network; each container sees only its own files
@@ -244,6 +188,7 @@ def rehearse(cohort: str | Path, out: str | Path, rounds: int, *, seed: int = 0,
     :class:`LocalFederationError` when a process dies, ``flwr run`` fails or the timeout passes.
     """
     from wsi_fl.site.data import discover_cohort
+    from wsi_fl.site.policy import load_policy
 
     sites = discover_cohort(cohort)
     if kill_site is not None and kill_site not in {s.name for s in sites}:
@@ -254,6 +199,7 @@ def rehearse(cohort: str | Path, out: str | Path, rounds: int, *, seed: int = 0,
     if unregistered_site is not None and insecure:
         raise ValueError("--unregistered-site needs SuperNode authentication, which --insecure turns off")
     app = find_app(app)
+    approve = genuine_release(approve)
     out = Path(out).resolve()
     config = build_run_config(rounds, out, seed, len(sites), run_config)
     impostor = UNREGISTERED + unregistered_site if unregistered_site is not None else None
@@ -262,7 +208,7 @@ def rehearse(cohort: str | Path, out: str | Path, rounds: int, *, seed: int = 0,
     logs.mkdir(parents=True, exist_ok=True)
     (work / "run-config.toml").write_text(tomli_w.dumps(config))
     link_port = free_port()
-    policy_file = site_policy(policy, f"{HOST}:{link_port}", work)
+    policy_file = approve_apps(site_policy(policy, f"{HOST}:{link_port}", work), (), work)
     audit_logs = {s.name: str(work / "sites" / s.name / "audit.jsonl") for s in sites}
     node_configs = {s.name: node_config(s.features_dir, s.labels, s.name, superlink=f"{HOST}:{link_port}",
                                         policy=str(policy_file), audit_log=audit_logs[s.name]) for s in sites}
@@ -325,12 +271,17 @@ def rehearse(cohort: str | Path, out: str | Path, rounds: int, *, seed: int = 0,
         if impostor is not None:
             procs.may_exit.add(impostor)  # the SuperLink should refuse it, and then it ends
         for name, (site, security_args) in supernodes.items():
-            mounts = [containers.Mount(p) for p in (by_name[site].features_dir, by_name[site].labels, policy_file,
-                                                    *node_files[name])]
-            procs.start(name, *command(
+            mounts = [*(containers.Mount(p) for p in (by_name[site].features_dir, by_name[site].labels, policy_file,
+                                                      *node_files[name])),
+                      containers.Mount(Path(audit_logs[site]).parent, writable=True)]
+            runtime = f"{HOST}:{free_port()}"  # the SuperNode's Runtime API, which its site's runner polls
+            procs.start(name, *command(  # --isolation process: no flower-superexec, the site's runner instead
                 name, "flower-supernode", [*security_args, "--superlink", f"{HOST}:{link_port}", "--host", HOST,
-                                           "--port", str(free_port()), "--node-config", node_configs[site]],
-                site_image, [*mounts, containers.Mount(Path(audit_logs[site]).parent, writable=True)]))
+                                           "--port", runtime.rsplit(":", 1)[1], "--isolation", "process",
+                                           "--node-config", node_configs[site]], site_image, mounts))
+            if name != impostor:  # refused by the SuperLink: it gets no task
+                procs.start(f"runner-{site}", *command(f"runner-{site}", "wsi-fl", [
+                    "site-runner", "--runtime-api", runtime], site_image, mounts))
         security = "insecure" if insecure else f"TLS, {len(nodes)} registered SuperNode keys"
         print(f"federation up ({security}): SuperLink {HOST}:{link_port}, {len(sites)} SuperNodes, logs in {logs}",
               file=sys.stderr)
@@ -339,9 +290,14 @@ def rehearse(cohort: str | Path, out: str | Path, rounds: int, *, seed: int = 0,
         def maybe_kill() -> None:
             if kill_site is not None and not killed and len(read_metrics(out)) >= kill_after_round:
                 procs.kill(f"supernode-{kill_site}")
+                procs.kill(f"runner-{kill_site}")
                 killed[kill_site] = len(read_metrics(out))
                 print(f"killed the SuperNode of {kill_site} after round {killed[kill_site]}", file=sys.stderr)
 
+        # Approved as late as possible (hashed just before flwr run builds its bundle): the runners read the policy
+        # for every task, and a source tree edited meanwhile would be refused, rightly but confusingly.
+        approved, shipped = approved_hashes(approve), approved_hashes([app])[0]
+        approve_apps(policy_file, approved, work)
         start = time.monotonic()
         code, output = run_flwr(["run", str(Path(app).resolve()), CONNECTION, "--run-config",
                                  str(work / "run-config.toml"), "--stream"], procs, logs / "flwr-run.log", timeout,
@@ -371,6 +327,7 @@ def rehearse(cohort: str | Path, out: str | Path, rounds: int, *, seed: int = 0,
             "seconds": round(seconds, 1), "out": str(out),
             "workdir": str(work), "logs": str(logs), "tls": not insecure, "auth": not insecure, "nodes": nodes,
             "unregistered": unregistered, "policy": str(policy_file), "audit_logs": audit_logs,
+            "approved": list(load_policy(policy_file).approved_apps), "app_hash": shipped,
             "containers": dict(procs.containers)}
 
 
@@ -392,4 +349,4 @@ def failure_logs(result: Mapping[str, Any]) -> str:
     """The tails of every log of a rehearsal that did not end ``ok``: ``flwr run``, SuperLink, SuperNodes."""
     logs = Path(result["logs"])
     return "\n".join(tail(p) for p in [logs / "flwr-run.log", *sorted(logs.glob("super*.log")),
-                                       *sorted(logs.glob(f"{UNREGISTERED}*.log"))])
+                                       *sorted(logs.glob("runner-*.log")), *sorted(logs.glob(f"{UNREGISTERED}*.log"))])

@@ -29,8 +29,8 @@ training slides is treated as public (it is sent as ``num-examples``, which
 FedAvg weights by); the mean training loss is not sent (it is not private);
 class weights are off (they depend on every bag's label); a patient with ``k``
 training slides at a site is protected at group level ``k``; evaluation
-metrics are outside DP; the guarantee covers one run (a site keeps no ledger
-across runs).
+metrics are outside DP; the guarantee covers one run (each site's privacy
+ledger, :mod:`wsi_fl.site.ledger`, adds up runs and enforces a lifetime budget).
 """
 
 from __future__ import annotations
