@@ -31,6 +31,8 @@ class MILConfig:
     input_norm: str = field(default="none", metadata={"help": "none, or slide: standardise each feature over the "
                                                                "slide's own tiles before the embedding (see "
                                                                "models.base.standardize_within_bag)"})
+    n_extreme: int = field(default=5, metadata={"help": "chowder: R, the top-R and bottom-R tile scores kept"})
+    n_heads: int = field(default=8, metadata={"help": "transmil: attention heads (must divide hidden_dim)"})
 
     def __post_init__(self) -> None:
         # Validate here rather than at model build time, so a bad value fails where it was written
@@ -41,7 +43,7 @@ class MILConfig:
                 object.__setattr__(self, f.name, float(value))  # JSON/CLI may give 0 for 0.0
             elif not _has_type(value, f.type):
                 raise ConfigError(f"MILConfig.{f.name} must be {f.type}, not {type(value).__name__} ({value!r})")
-        for name in ("in_dim", "hidden_dim", "attn_dim", "k_sample"):
+        for name in ("in_dim", "hidden_dim", "attn_dim", "k_sample", "n_extreme", "n_heads"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"MILConfig.{name} must be >= 1, not {getattr(self, name)}")
         if self.n_classes < 2:
@@ -52,6 +54,8 @@ class MILConfig:
             raise ConfigError(f"MILConfig.input_norm must be one of {', '.join(INPUT_NORMS)}, not {self.input_norm!r}")
         if self.inst_weight < 0.0:
             raise ConfigError(f"MILConfig.inst_weight must be >= 0, not {self.inst_weight}")
+        if self.model == "transmil" and self.hidden_dim % self.n_heads:
+            raise ConfigError(f"MILConfig.n_heads={self.n_heads} must divide hidden_dim={self.hidden_dim} (transmil)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -22,7 +22,7 @@ ModelFactory = Callable[[MILConfig], "MILModel"]
 F = TypeVar("F", bound=ModelFactory)
 
 #: Modules whose import registers the built-in models.
-BUILTIN_MODULES = ("models.attention", "models.clam", "models.pooling")
+BUILTIN_MODULES = ("models.attention", "models.chowder", "models.clam", "models.pooling", "models.transmil")
 
 _MODELS: Registry[ModelFactory] = Registry("model")
 

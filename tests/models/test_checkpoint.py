@@ -31,7 +31,8 @@ PROVENANCE = {
 
 def tiny_model(name: str = "clam_sb", n_classes: int = 3):
     torch.manual_seed(0)
-    return create_model(MILConfig(model=name, in_dim=16, hidden_dim=12, attn_dim=8, n_classes=n_classes))
+    return create_model(MILConfig(model=name, in_dim=16, hidden_dim=12, attn_dim=8, n_classes=n_classes,
+                                   n_heads=4))
 
 
 def save(path: Path, model, **kw) -> Path:

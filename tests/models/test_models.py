@@ -12,12 +12,13 @@ from models import MILConfig, MILModel, create_model, list_models, masked_softma
 from models.base import standardize_within_bag
 from models.clam import pseudo_label_indices
 
-BUILTIN = ("attention", "clam_sb", "gated_attention", "max", "mean")
+BUILTIN = ("attention", "chowder", "clam_sb", "gated_attention", "max", "mean", "transmil")
 ATTENTION_MODELS = ("attention", "clam_sb", "gated_attention")
 
 
 def tiny(model: str, **kw) -> MILConfig:
-    return MILConfig(**{"model": model, "in_dim": 16, "hidden_dim": 12, "attn_dim": 8, "k_sample": 3, **kw})
+    return MILConfig(**{"model": model, "in_dim": 16, "hidden_dim": 12, "attn_dim": 8, "k_sample": 3, "n_heads": 4,
+                        "n_extreme": 2, **kw})
 
 
 def build(config: MILConfig, seed: int = 0) -> MILModel:
@@ -133,7 +134,7 @@ def test_clam_aux_loss_only_in_training_with_labels() -> None:
     assert torch.isfinite(out.aux_loss) and out.aux_loss > 0 and out.aux_loss.requires_grad
     assert model.train()(x).aux_loss is None
     assert model.eval()(x, labels=labels).aux_loss is None
-    for name in ("attention", "gated_attention", "mean", "max"):
+    for name in ("attention", "chowder", "gated_attention", "mean", "max", "transmil"):
         assert build(tiny(name)).train()(x, labels=labels).aux_loss is None
 
 
