@@ -278,9 +278,13 @@ def render_slide(plan: SlidePlan, cfg: SynthConfig, stain: Stain) -> tuple[Image
         giant = (rng.random(m) < 0.1) * rng.integers(3, 6, m)
         ry = rng.integers(6, 10, m) + giant
         rx = rng.integers(7, 12, m) + giant
-        eosin_q[y : y + h, x : x + w] = (eosin_q[y : y + h, x : x + w] * 0.65).astype(np.uint8)
-        haem_q[y : y + h, x : x + w] = round(0.15 * _H_LEVELS_PER_OD)  # cytoplasm
-        _stamp_nuclei(haem_q, cy, cx, ry, rx, rng.integers(0, _ANGLE_BINS, m), rng.uniform(1.1, 1.5, m))
+        c = cfg.tumour_contrast  # 1: the default look; lower: paler, closer to normal tissue
+        eosin_q[y : y + h, x : x + w] = (eosin_q[y : y + h, x : x + w] * (1 - 0.35 * c)).astype(np.uint8)
+        haem_q[y : y + h, x : x + w] = round(0.15 * c * _H_LEVELS_PER_OD)  # cytoplasm
+        angles, darkness = rng.integers(0, _ANGLE_BINS, m), rng.uniform(1.1, 1.5, m)
+        if c != 1.0:
+            darkness = 0.8 + (darkness - 0.8) * c  # normal nuclei are 0.65-1.0
+        _stamp_nuclei(haem_q, cy, cx, ry, rx, angles, darkness)
 
     lut = _colour_lut(stain, stain.h_gain * rng.uniform(0.95, 1.05), stain.e_gain * rng.uniform(0.93, 1.07))
     index = haem_q.astype(np.uint16)

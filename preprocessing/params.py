@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from .errors import InputError
 
-__all__ = ["TilingParams", "TissueParams"]
+__all__ = ["QCParams", "TilingParams", "TissueParams"]
 
 
 @dataclass(frozen=True)
@@ -111,6 +111,31 @@ class TissueParams:
         default=4_000.0, metadata={"help": "holes in tissue up to this area (µm²) are filled"}
     )
 
+    #: Remove pen ink (blue, green, other non-H&E colours) from the mask. Marker ink is strongly
+    #: saturated, so the saturation test alone keeps it as tissue; see ``pen_*`` below.
+    remove_pen: bool = field(default=True, metadata={"help": "remove pen ink (blue, green, ...) from the mask"})
+    #: Hues (degrees, HSV) from ``pen_hue_min`` to ``pen_hue_max`` are ink colours when saturated:
+    #: yellow, green, cyan and sky blue. H&E lies outside them, from bluish-purple haematoxylin
+    #: (~230-300°) through magenta to pink-red eosin (~300-30°, wrapping at 360°). The bluest
+    #: haematoxylin seen (shared kidney slide: 200-260° but saturation ≤ 0.2; synthetic cohort:
+    #: down to ~235° at saturation ~0.45, less with JPEG noise) stays out of this class.
+    pen_hue_min: float = field(default=30.0, metadata={"help": "lowest HSV hue (degrees) of pen ink"})
+    pen_hue_max: float = field(default=215.0, metadata={"help": "highest HSV hue (degrees) of pen ink"})
+    #: Minimum HSV saturation (0-1) of ink inside the ink hues. Marker ink is ~0.6-0.8 even over
+    #: tissue; pale bluish tissue (haematoxylin-only stains, mucin) stays below ~0.2.
+    pen_saturation: float = field(
+        default=0.3, metadata={"help": "minimum saturation (0-1) of pen ink within the ink hues"}
+    )
+    #: From ``pen_hue_max`` to 270° (royal blue to blue-violet: blue marker, also over pink tissue)
+    #: dense haematoxylin lies too, so only pixels saturated beyond any stain at mask resolution
+    #: (nuclei reach ~0.55) are ink; blue marker is ~0.75-0.8.
+    pen_blue_saturation: float = field(
+        default=0.65, metadata={"help": "minimum saturation (0-1) of blue/violet ink (hues up to 270°)"}
+    )
+    #: Ink is dilated by this radius (µm) before removal: the anti-aliased, blurred edge of a stroke
+    #: is too pale to be ink yet saturated enough to pass as tissue.
+    pen_margin_um: float = field(default=16.0, metadata={"help": "pen ink is dilated by this radius in µm"})
+
     def __post_init__(self) -> None:
         if not self.mask_mpp > 0:
             raise InputError(f"mask_mpp must be > 0, got {self.mask_mpp}")
@@ -120,6 +145,71 @@ class TissueParams:
             raise InputError(f"saturation_threshold must be in [0, 1], got {self.saturation_threshold}")
         if not 0 <= self.min_saturation <= self.max_saturation <= 1:
             raise InputError("need 0 <= min_saturation <= max_saturation <= 1")
-        for name in ("median_um", "closing_um", "opening_um", "min_region_um2", "max_hole_um2"):
+        if not 0 <= self.pen_hue_min <= self.pen_hue_max <= 270:
+            raise InputError("need 0 <= pen_hue_min <= pen_hue_max <= 270 (degrees)")
+        for name in ("pen_saturation", "pen_blue_saturation"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise InputError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        for name in ("median_um", "closing_um", "opening_um", "min_region_um2", "max_hole_um2", "pen_margin_um"):
             if getattr(self, name) < 0:
                 raise InputError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class QCParams:
+    """Per-tile quality control (:mod:`preprocessing.artifacts`): what is measured and what excludes a tile.
+
+    The measures are always computed and stored; a threshold of ``None`` excludes nothing, so
+    turning exclusion on is a choice a consortium records in provenance, not a silent default.
+    """
+
+    #: Tiles are average-pooled by this factor before the colour tests (pen, fold): 8 turns a
+    #: 0.5 µm/px tile into ~4 µm/px, near the tissue mask's resolution the ink rule is tuned for,
+    #: where single dark nuclei no longer look like ink.
+    pool: int = field(default=8, metadata={"help": "pooling factor of tiles before the pen/fold colour tests"})
+    #: A fold pixel is saturated beyond this multiple of the slide's median tissue saturation:
+    #: a double layer doubles the optical density, which raises saturation ~1.3-1.7× (measured on
+    #: the synthetic folds), while tumour and dense nuclei stay ~1.0× (they get darker and bluer,
+    #: not more saturated).
+    fold_saturation_ratio: float = field(
+        default=1.25, metadata={"help": "fold: saturation above this multiple of the slide's tissue median"}
+    )
+    #: Pooling factor for the fold test: 16 turns a 0.5 µm/px tile into ~8 µm/px, the scale of the
+    #: thumbnail the slide's reference is measured on; finer, single nuclei look "saturated".
+    fold_pool: int = field(default=16, metadata={"help": "pooling factor of tiles before the fold test"})
+    #: ... within this many degrees of the tissue's mean hue: a fold doubles the same stain mix
+    #: (pink stays pink), while dense nuclei and tumour shift towards haematoxylin blue.
+    fold_max_hue_shift: float = field(
+        default=20.0, metadata={"help": "fold: hue within this many degrees of the tissue's mean hue"}
+    )
+    #: ... and not brighter than this multiple of the slide's median tissue grey level (a fold is
+    #: darker; pale, saturated-looking glass edges are not folds).
+    fold_brightness_ratio: float = field(
+        default=1.0, metadata={"help": "fold: grey level at most this multiple of the slide's tissue median"}
+    )
+    #: Exclude tiles whose variance of the Laplacian (grey 0-255, at the tile's resolution) is
+    #: below this; ``None`` keeps all. The measure depends on the scanner and tissue, so set it per
+    #: site from the QC image (see :func:`preprocessing.artifacts.tile_qc`).
+    min_sharpness: float | None = field(
+        default=None, metadata={"help": "exclude tiles whose Laplacian variance is below this (default: keep all)"}
+    )
+    #: Exclude tiles with more than this fraction of pen ink; ``None`` keeps all.
+    max_pen_fraction: float | None = field(
+        default=None, metadata={"help": "exclude tiles with more than this fraction of pen ink"}
+    )
+    #: Exclude tiles with more than this fraction of fold; ``None`` keeps all.
+    max_fold_fraction: float | None = field(
+        default=None, metadata={"help": "exclude tiles with more than this fraction of tissue fold"}
+    )
+
+    def __post_init__(self) -> None:
+        if self.pool < 1 or self.fold_pool < 1:
+            raise InputError(f"pool and fold_pool must be >= 1, got {self.pool} and {self.fold_pool}")
+        if not self.fold_saturation_ratio > 0 or not self.fold_brightness_ratio > 0:
+            raise InputError("fold_saturation_ratio and fold_brightness_ratio must be > 0")
+        if self.min_sharpness is not None and self.min_sharpness < 0:
+            raise InputError(f"min_sharpness must be >= 0, got {self.min_sharpness}")
+        for name in ("max_pen_fraction", "max_fold_fraction"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 1:
+                raise InputError(f"{name} must be in [0, 1], got {value}")

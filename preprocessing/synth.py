@@ -41,6 +41,8 @@ Output layout::
     out/<site>/slides/<slide_id>.tiff
     out/<site>/labels.csv    slide_id,label,patient_id
     out/<site>/planted.csv   slide_id,x,y,width,height   (level-0 pixels)
+    out/<site>/artifacts.csv slide_id,kind,x0,y0,x1,y1   (level-0, half-open; header only
+                             without artifacts; kind: pen_blue|pen_green|pen_black|fold|blur)
 
 A tile counts as planted if most of it lies inside one planted rectangle.
 
@@ -57,15 +59,17 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from ._synth_render import SlidePlan, Stain, render_slide
+from ._synth_artifacts import scan_slide
+from ._synth_render import SlidePlan, Stain
 from .atomic import write_csv_atomic
 from .errors import InputError
 from .tiffwrite import pyramid_shapes, write_pyramidal_tiff
 
-__all__ = ["SiteSummary", "SynthConfig", "generate_cohort"]
+__all__ = ["PRESETS", "SiteSummary", "SynthConfig", "generate_cohort", "preset"]
 
 LABELS_HEADER = ("slide_id", "label", "patient_id")
 PLANTED_HEADER = ("slide_id", "x", "y", "width", "height")
+ARTIFACTS_HEADER = ("slide_id", "kind", "x0", "y0", "x1", "y1")
 
 # Optical density per unit stain (R, G, B) at the two ends of each site's stain
 # range; a site's vector is a blend of the two. Hematoxylin from bluish to
@@ -103,6 +107,26 @@ class SynthConfig:
     site_stain_shift: float = 1.0
     #: JPEG quality of the TIFF tiles.
     jpeg_quality: int = 90
+    #: Darkness of the planted tumour texture relative to the default (1): lower values make the
+    #: responder signal subtler (paler nuclei, less purple cytoplasm); sizes and crowding stay.
+    tumour_contrast: float = 1.0
+    #: Artifacts per slide, each drawn uniformly from the inclusive range; written to
+    #: ``artifacts.csv``. Pen strokes (blue, green or black marker, on tissue and glass), tissue
+    #: folds (double-layer bands) and out-of-focus patches. (0, 0) = none, the default.
+    pen_strokes: tuple[int, int] = (0, 0)
+    folds: tuple[int, int] = (0, 0)
+    blur_patches: tuple[int, int] = (0, 0)
+    #: Per-site overrides, entry k-1 for site k; sites past the end use the plain setting.
+    #: Slide-count factors (site k gets ``max(2, round(slides_per_site × factor))`` slides
+    #: instead of ``slides_per_site + k - 1``): one large and one small centre, as consortia have.
+    site_size_factors: tuple[float, ...] = ()
+    #: Whole-slide Gaussian blur (σ, level-0 px): a scanner's optics (0 = sharp).
+    site_blur_sigma: tuple[float, ...] = ()
+    #: JPEG quality per site: scanners compress differently.
+    site_jpeg_quality: tuple[int, ...] = ()
+    #: Native level-0 µm/px per site: the slide is drawn at ``mpp`` and resampled, so its tissue
+    #: has the same physical size (e.g. 0.4532, a Hamamatsu 20× scan, beside Aperio's 0.5).
+    site_mpp: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         def check_range(name: str, lo: float, hi: float, low: float, high: float) -> None:
@@ -128,6 +152,58 @@ class SynthConfig:
             raise InputError(f"SynthConfig.site_stain_shift={self.site_stain_shift}: need 0..2")
         if not 1 <= self.jpeg_quality <= 100:
             raise InputError(f"SynthConfig.jpeg_quality={self.jpeg_quality}: need 1..100")
+        if not 0.0 <= self.tumour_contrast <= 1.5:
+            raise InputError(f"SynthConfig.tumour_contrast={self.tumour_contrast}: need 0..1.5")
+        for name in ("pen_strokes", "folds", "blur_patches"):
+            check_range(name, *getattr(self, name), 0, 10)
+        checks = {
+            "site_size_factors": (0.05, 20.0),
+            "site_blur_sigma": (0.0, 5.0),
+            "site_jpeg_quality": (1, 100),
+            "site_mpp": (self.mpp / 2, self.mpp * 2),
+        }
+        for name, (low, high) in checks.items():
+            if not all(low <= v <= high for v in getattr(self, name)):
+                raise InputError(f"SynthConfig.{name}={getattr(self, name)!r}: need values in {low}..{high}")
+
+    @property
+    def has_artifacts(self) -> bool:
+        return any(hi > 0 for _, hi in (self.pen_strokes, self.folds, self.blur_patches))
+
+    def site(self, name: str, k: int, default: float) -> float:
+        """Site ``k``'s value of the per-site override ``name``, else ``default``."""
+        values = getattr(self, name)
+        return values[k - 1] if k <= len(values) else default
+
+
+#: Named configurations for ``synth-cohort --preset``. ``default``: the quick demo cohort
+#: (clean slides, clear signal). ``realistic``: what multi-hospital pathology looks like to a
+#: model: a weak signal in a small part of the tissue, one large and one small centre with
+#: different prevalence, per-site scanner blur, JPEG quality and a different native µm/px at
+#: site 3, and pen marks, folds and out-of-focus patches (ground truth in ``artifacts.csv``).
+PRESETS: dict[str, SynthConfig] = {
+    "default": SynthConfig(),
+    "realistic": SynthConfig(
+        tumour_fraction=(0.04, 0.10),
+        regions_per_positive=(1, 2),
+        tumour_contrast=0.6,
+        prevalence_range=(0.2, 0.6),
+        pen_strokes=(0, 2),
+        folds=(0, 1),
+        blur_patches=(0, 2),
+        site_size_factors=(2.0, 1.0, 0.4),
+        site_blur_sigma=(0.0, 0.8, 0.3),
+        site_jpeg_quality=(90, 70, 95),
+        site_mpp=(0.5, 0.5, 0.4532),
+    ),
+}
+
+
+def preset(name: str) -> SynthConfig:
+    """The :data:`PRESETS` entry ``name`` (a one-line error naming the choices otherwise)."""
+    if name not in PRESETS:
+        raise InputError(f"unknown synthetic-cohort preset {name!r}; choose from {', '.join(PRESETS)}")
+    return PRESETS[name]
 
 
 @dataclass(frozen=True)
@@ -193,6 +269,12 @@ def _plan_site(k: int, n: int, prevalence: float, cfg: SynthConfig, seed: int) -
     return plans
 
 
+def _site_slides(k: int, slides_per_site: int, cfg: SynthConfig) -> int:
+    if k <= len(cfg.site_size_factors):
+        return max(2, round(slides_per_site * cfg.site_size_factors[k - 1]))
+    return slides_per_site + k - 1
+
+
 def _site_stains(sites: int, shift: float, seed: int) -> list[Stain]:
     """Per-site staining, stratified so that every pair of sites differs visibly.
 
@@ -225,7 +307,7 @@ def _site_stains(sites: int, shift: float, seed: int) -> list[Stain]:
 
 
 
-def _write_slide(path: Path, image: Image.Image, cfg: SynthConfig) -> None:
+def _write_slide(path: Path, image: Image.Image, mpp: float, quality: int) -> None:
     """Write level 0 and box-downsampled lower levels (PIL ``reduce``) as a pyramidal TIFF."""
     width, height = image.size
     levels = {1.0: image}
@@ -238,7 +320,7 @@ def _write_slide(path: Path, image: Image.Image, cfg: SynthConfig) -> None:
     def render(ds: float, x: int, y: int, w: int, h: int) -> np.ndarray:
         return np.asarray(levels[ds].crop((x, y, x + w, y + h)))
 
-    write_pyramidal_tiff(path, width, height, render, mpp=cfg.mpp, quality=cfg.jpeg_quality)
+    write_pyramidal_tiff(path, width, height, render, mpp=mpp, quality=quality)
 
 
 def generate_cohort(
@@ -247,24 +329,24 @@ def generate_cohort(
     sites: int = 3,
     slides_per_site: int = 6,
     seed: int = 0,
-    config: SynthConfig | None = None,
+    config: SynthConfig | str | None = None,
     progress: bool = True,
 ) -> list[SiteSummary]:
     """Write the synthetic cohort under ``out`` (see the module docstring for layout and rules).
 
-    Existing files of the same names are replaced. Returns one summary per site.
+    ``config`` is a :class:`SynthConfig` or the name of one of :data:`PRESETS`. Existing files
+    of the same names are replaced. Returns one summary per site.
     """
     if sites < 1 or slides_per_site < 1:
         raise InputError(f"need sites >= 1 and slides_per_site >= 1, got {sites} and {slides_per_site}")
     if seed < 0:
         raise InputError(f"seed must be >= 0, got {seed}")
-    cfg = config or SynthConfig()
+    cfg = preset(config) if isinstance(config, str) else config or SynthConfig()
     out = Path(out)
     stains = _site_stains(sites, cfg.site_stain_shift, seed)
     plans = {
-        k: _plan_site(
-            k, slides_per_site + k - 1, _site_prevalence(k, sites, *cfg.prevalence_range), cfg, seed
-        )
+        k: _plan_site(k, _site_slides(k, slides_per_site, cfg), _site_prevalence(k, sites, *cfg.prevalence_range),
+                      cfg, seed)
         for k in range(1, sites + 1)
     }
     summaries = []
@@ -275,12 +357,15 @@ def generate_cohort(
             site = f"site_{k}"
             slides_dir = out / site / "slides"
             slides_dir.mkdir(parents=True, exist_ok=True)
-            planted = []
+            planted, artifacts = [], []
+            quality = int(cfg.site("site_jpeg_quality", k, cfg.jpeg_quality))
             for plan in site_plans:
-                image, rects = render_slide(plan, cfg, stains[k - 1])
-                _write_slide(slides_dir / f"{plan.slide_id}.tiff", image, cfg)
+                image, rects, boxes, mpp = scan_slide(plan, cfg, stains[k - 1], k)
+                _write_slide(slides_dir / f"{plan.slide_id}.tiff", image, mpp, quality)
                 planted += [(plan.slide_id, *rect) for rect in rects]
+                artifacts += [(plan.slide_id, *box) for box in boxes]
                 bar.update()
+            write_csv_atomic(out / site / "artifacts.csv", ARTIFACTS_HEADER, artifacts)
             labels_csv = out / site / "labels.csv"
             write_csv_atomic(labels_csv, LABELS_HEADER, [(p.slide_id, p.label, p.patient_id) for p in site_plans])
             write_csv_atomic(out / site / "planted.csv", PLANTED_HEADER, planted)

@@ -17,7 +17,12 @@ thresholds chosen so that small biopsies survive:
 2. Near-white pixels (every channel bright) are background even if slightly
    tinted; near-black pixels (every channel dark: black pen, out-of-focus
    debris, slide-edge shadows) are never tissue.
-3. Median blur (speckle), morphological closing (join fragmented tissue), an
+3. Pen ink is not tissue (:func:`ink_mask`): saturated pixels whose hue lies outside
+   H&E's pink-purple range (green, cyan, yellow, sky-blue marker; royal blue and
+   blue-violet only when more saturated than any stain) are removed, with a margin for the stroke's pale
+   edge, and are left out of the Otsu histogram so heavy marking cannot shift it.
+   Black ink is caught by the near-black rule above.
+4. Median blur (speckle), morphological closing (join fragmented tissue), an
    optional opening (drop thin strands), removal of regions smaller than
    ``min_region_um2`` and filling of holes smaller than ``max_hole_um2`` (cracks
    and fat are filled, real lumens stay background so the tiling's
@@ -37,7 +42,7 @@ from skimage.filters import threshold_otsu
 from .params import TissueParams
 from .slide import Slide
 
-__all__ = ["TissueMask", "TissueParams", "compute_tissue_mask", "detect_tissue", "saturation_u8"]
+__all__ = ["TissueMask", "TissueParams", "compute_tissue_mask", "detect_tissue", "ink_mask", "saturation_u8"]
 
 
 
@@ -80,12 +85,43 @@ def _saturation(mx: np.ndarray, mn: np.ndarray) -> np.ndarray:
     return (num // np.maximum(mx, 1).astype(np.uint16)).astype(np.uint8)
 
 
-def _saturation_threshold(sat: np.ndarray, params: TissueParams) -> int:
-    """The 0-255 threshold: fixed if given, else Otsu clamped to the plausible range."""
+def _hue_deg(rgb: np.ndarray, mx: np.ndarray, mn: np.ndarray) -> np.ndarray:
+    """HSV hue in degrees [0, 360) of 1-D arrays of pixels (float32; 0 for grey)."""
+    r, g, b = (rgb[..., c].astype(np.float32) for c in range(3))
+    d = np.maximum(mx.astype(np.float32) - mn, 1.0)
+    hue = np.where(mx == r, ((g - b) / d) % 6.0, np.where(mx == g, (b - r) / d + 2.0, (r - g) / d + 4.0))
+    return hue * np.float32(60.0)
+
+
+def ink_mask(rgb: np.ndarray, params: TissueParams, sat: np.ndarray | None = None) -> np.ndarray:
+    """Boolean mask of coloured pen ink in an RGB uint8 image (no margin; black ink excluded).
+
+    Hue is computed only for the pixels saturated enough to be ink, a small part of a
+    thumbnail, so this costs little beside the saturation itself.
+    """
+    if sat is None:
+        sat = saturation_u8(rgb)
+    out = np.zeros(rgb.shape[:2], bool)
+    lowest = min(params.pen_saturation, params.pen_blue_saturation)
+    cand = sat >= math.ceil(lowest * 255)
+    if not cand.any():
+        return out
+    px = rgb[cand]
+    mx, mn = _extremes(px)
+    hue, s = _hue_deg(px, mx, mn), sat[cand]
+    coloured = (hue >= params.pen_hue_min) & (hue < params.pen_hue_max) & (s >= params.pen_saturation * 255)
+    violet = (hue >= params.pen_hue_max) & (hue < 270.0) & (s >= params.pen_blue_saturation * 255)
+    out[cand] = coloured | violet
+    return out
+
+
+def _saturation_threshold(sat: np.ndarray, params: TissueParams, ignore: np.ndarray | None = None) -> int:
+    """The 0-255 threshold: fixed if given, else Otsu (over pixels not in ``ignore``) clamped to the
+    plausible range."""
     if params.saturation_threshold is not None:
         return round(params.saturation_threshold * 255)
     lo, hi = round(params.min_saturation * 255), round(params.max_saturation * 255)
-    counts = np.bincount(sat.ravel(), minlength=256)
+    counts = np.bincount((sat if ignore is None or not ignore.any() else sat[~ignore]).ravel(), minlength=256)
     if np.count_nonzero(counts) < 2:  # uniform image: Otsu is undefined; glass stays below the floor
         return lo
     otsu = threshold_otsu(hist=(counts, np.arange(256)))
@@ -112,11 +148,19 @@ def detect_tissue(rgb: np.ndarray, params: TissueParams, mpp: float) -> np.ndarr
         return np.zeros(rgb.shape[:2], bool)
     mx, mn = _extremes(rgb)
     sat = _saturation(mx, mn)
-    mask = sat > _saturation_threshold(sat, params)
+    ink = ink_mask(rgb, params, sat) if params.remove_pen else None
+    mask = sat > _saturation_threshold(sat, params, ink)
     mask &= mn < params.white_level
     dark = mx <= params.black_level
+    if ink is not None and ink.any():
+        if (se := _disk(params.pen_margin_um, mpp)) is not None:
+            # Only solid ink (most of its 3 × 3 neighbourhood ink) grows a margin: a stray ink-coloured
+            # pixel of pale bluish tissue must not punch a margin-sized hole into it.
+            solid = ndimage.uniform_filter(ink.view(np.uint8) * np.uint8(9), size=3, mode="constant") >= 5
+            ink |= ndimage.binary_dilation(ink & solid, se)
+        dark |= ink
     mask &= ~dark
-    del sat, mx, mn
+    del sat, mx, mn, ink
 
     # Median blur of the binary mask == majority vote in the window, at box-filter cost; since
     # thresholding commutes with the median, for the saturation test this is the same as

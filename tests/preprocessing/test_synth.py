@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import csv
 import itertools
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from preprocessing.slide import open_slide
-from preprocessing.synth import SiteSummary, SynthConfig, generate_cohort
+from preprocessing.synth import PRESETS, SiteSummary, SynthConfig, generate_cohort, preset
 
 # Small slides keep the module fixture to a couple of seconds.
 SMALL = SynthConfig(size_range=(1100, 1500), min_region_side=256)
@@ -239,3 +240,69 @@ def test_config_rejects_nonsense(kwargs):
 def test_generate_rejects_empty_cohort(tmp_path):
     with pytest.raises(ValueError):
         generate_cohort(tmp_path, sites=0, progress=False)
+
+
+# -- presets and artifacts ------------------------------------------------------------------------
+REALISTIC_SMALL = replace(
+    PRESETS["realistic"], size_range=(1300, 1500), min_region_side=256, pen_strokes=(1, 1), folds=(0, 1)
+)
+
+
+def test_default_cohort_has_header_only_artifacts(cohort):
+    out, summaries = cohort
+    for s in summaries:
+        assert (out / s.site / "artifacts.csv").read_text() == "slide_id,kind,x0,y0,x1,y1\n"
+
+
+@pytest.mark.slow
+def test_realistic_preset_is_deterministic_with_ground_truth(tmp_path):
+    def make(name: str, seed: int) -> Path:
+        generate_cohort(tmp_path / name, sites=3, slides_per_site=1, seed=seed, config=REALISTIC_SMALL, progress=False)
+        return tmp_path / name
+
+    a, b, c = make("a", 5), make("b", 5), make("c", 6)
+    kinds = {"pen_blue", "pen_green", "pen_black", "fold", "blur"}
+    for site, n_slides, mpp in [("site_1", 2, 0.5), ("site_2", 2, 0.5), ("site_3", 2, 0.4532)]:
+        for name in ("labels.csv", "planted.csv", "artifacts.csv"):
+            assert (a / site / name).read_bytes() == (b / site / name).read_bytes()
+        assert (a / site / "artifacts.csv").read_bytes() != (c / site / "artifacts.csv").read_bytes()
+        header, rows = read_csv(a / site / "artifacts.csv")
+        assert header == ["slide_id", "kind", "x0", "y0", "x1", "y1"]
+        assert len(labels_of(a / site)) == n_slides
+        by_slide: dict[str, set[str]] = {}
+        for r in rows:
+            by_slide.setdefault(r["slide_id"], set()).add(r["kind"])
+        assert set(by_slide) == set(labels_of(a / site))  # every slide has at least its pen stroke
+        for sid, slide_kinds in by_slide.items():
+            assert slide_kinds <= kinds and slide_kinds & {"pen_blue", "pen_green", "pen_black"}
+            with open_slide(a / site / "slides" / f"{sid}.tiff") as slide:
+                assert slide.mpp == pytest.approx(mpp)
+                width, height = slide.dimensions
+            for r in (r for r in rows if r["slide_id"] == sid):
+                x0, y0, x1, y1 = (int(r[k]) for k in ("x0", "y0", "x1", "y1"))
+                assert 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height
+    for p, q in zip(sorted(a.rglob("*.tiff")), sorted(b.rglob("*.tiff")), strict=True):
+        assert p.read_bytes() == q.read_bytes()
+
+
+def test_pen_ink_darkens_its_boxes(tmp_path):
+    generate_cohort(tmp_path, sites=1, slides_per_site=2, seed=1, config=REALISTIC_SMALL, progress=False)
+    rows = read_csv(tmp_path / "site_1" / "artifacts.csv")[1]
+    pens = [r for r in rows if r["kind"].startswith("pen")]
+    assert pens
+    for r in pens:
+        with open_slide(tmp_path / "site_1" / "slides" / f"{r['slide_id']}.tiff") as slide:
+            x0, y0, x1, y1 = (int(r[k]) for k in ("x0", "y0", "x1", "y1"))
+            region = slide.read_region((x0, y0), 0, (x1 - x0, y1 - y0)).astype(float)
+        assert (region.mean(axis=-1) < 120).mean() > 0.15  # the stroke covers a good part of its box
+
+
+def test_presets_and_per_site_validation(tmp_path):
+    assert set(PRESETS) >= {"default", "realistic"} and PRESETS["default"] == SynthConfig()
+    assert not PRESETS["default"].has_artifacts and PRESETS["realistic"].has_artifacts
+    with pytest.raises(ValueError, match="preset"):
+        preset("nope")
+    with pytest.raises(ValueError, match="site_mpp"):
+        SynthConfig(site_mpp=(0.1,))
+    with pytest.raises(ValueError, match="pen_strokes"):
+        SynthConfig(pen_strokes=(2, 1))

@@ -8,7 +8,7 @@ from skimage.color import rgb2hsv
 
 from preprocessing.errors import SlideError
 from preprocessing.slide import open_slide
-from preprocessing.tissue import TissueParams, compute_tissue_mask, detect_tissue, saturation_u8
+from preprocessing.tissue import TissueParams, compute_tissue_mask, detect_tissue, ink_mask, saturation_u8
 
 MPP = 8.0  # µm/px of the synthetic "thumbnails", the default mask resolution
 PINK = (220, 140, 190)
@@ -126,6 +126,52 @@ def test_pen_and_dark_debris_excluded():
     assert mask[tissue & ~pen].mean() > 0.97
 
 
+# Marker ink as it reads at mask resolution: on glass and (darker) over pink tissue.
+INKS = {
+    "blue": ((40, 75, 185), (30, 38, 140)),
+    "green": ((50, 150, 90), (40, 90, 60)),
+    "cyan-dye": ((60, 160, 170), (50, 100, 120)),
+}
+
+
+@pytest.mark.parametrize("ink", sorted(INKS))
+def test_coloured_pen_is_not_tissue(ink):
+    """A marker stroke across tissue and glass: without pen removal it is tissue, with it it is not."""
+    on_glass, on_tissue = INKS[ink]
+    img = glass(200, 200)
+    tissue = disk(200, 200, 100, 100, 60)
+    paint(img, tissue, PINK)
+    pen = np.zeros_like(tissue)
+    pen[94:102, :] = True
+    paint(img, pen & ~tissue, on_glass, seed=3)
+    paint(img, pen & tissue, on_tissue, seed=4)
+    kept = detect_tissue(img, TissueParams(remove_pen=False), MPP)
+    assert kept[pen & ~tissue].mean() > 0.9  # the old behaviour the removal fixes
+    mask = detect_tissue(img, TissueParams(), MPP)
+    assert not mask[pen].any()
+    assert mask[tissue & ~pen].mean() > 0.9  # only a margin of the stroke's width goes with it
+    assert not mask[~tissue].any()
+
+
+@pytest.mark.parametrize(
+    "color",
+    [(150, 150, 190), (170, 160, 215), (95, 90, 175), (130, 70, 170), (230, 110, 170), (200, 90, 110)],
+    ids=["bluish-haematoxylin", "pale-blue", "saturated-nuclei", "purple", "pink", "red-eosin"],
+)
+def test_stain_colours_are_not_ink(color):
+    """H&E hues, including bluish haematoxylin up to the saturation dense nuclei reach, stay tissue."""
+    img = paint(glass(100, 100), disk(100, 100, 50, 50, 30), color)
+    assert ink_mask(img, TissueParams()).mean() < 0.01
+    assert detect_tissue(img, TissueParams(), MPP)[disk(100, 100, 50, 50, 28)].mean() > 0.95
+
+
+def test_pen_params_validated():
+    with pytest.raises(ValueError, match="pen_hue"):
+        TissueParams(pen_hue_min=200, pen_hue_max=100)
+    with pytest.raises(ValueError, match="pen_saturation"):
+        TissueParams(pen_saturation=1.5)
+
+
 def test_opening_drops_thin_strands_only_when_asked():
     img = glass(120, 200)
     blob = disk(120, 200, 60, 50, 35)
@@ -223,3 +269,21 @@ def test_kidney_imageslide_tiny_island(slide_file):
         assert slide.info.vendor == "ImageSlide"
         tm = compute_tissue_mask(slide)
     assert 0 < tm.tissue_fraction < 0.01
+
+
+def test_real_slides_marking_dye_removed_tissue_kept(slide_file):
+    """CMU-1's crop carries teal tissue-marking dye at its edges: removed, the H&E stays.
+
+    The kidney slide's bluish (haematoxylin-dominated) fragment and the TCGA section
+    have no ink and must lose nothing to the pen rule.
+    """
+    with open_slide(slide_file("cmu-1-small-region.svs")) as slide:
+        with_pen, no_pen = compute_tissue_mask(slide), compute_tissue_mask(slide, TissueParams(remove_pen=False))
+    ink = ink_mask(with_pen.thumbnail, TissueParams())
+    assert ink.sum() >= 5 and (ink & no_pen.mask).any()
+    assert not (ink & with_pen.mask).any()
+    assert 0.95 < with_pen.mask.sum() / no_pen.mask.sum() < 1.0
+    for name, mpp in [("tcga-cr-7395-01a-01-ts1.svs", 0.25), ("kidney-48-5.tif", 1.0)]:
+        with open_slide(slide_file(name), user_mpp=mpp) as slide:
+            a, b = compute_tissue_mask(slide), compute_tissue_mask(slide, TissueParams(remove_pen=False))
+        assert a.mask.any() and np.array_equal(a.mask, b.mask)

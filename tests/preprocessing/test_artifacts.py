@@ -1,0 +1,138 @@
+"""Per-tile QC measures against the synthetic generator's artifact ground truth (``artifacts.csv``)."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from preprocessing.artifacts import SlideReference, laplacian_variance, pen_fraction, qc_keep, tile_qc
+from preprocessing.params import QCParams
+from preprocessing.slide import open_slide
+from preprocessing.synth import PRESETS, generate_cohort
+from preprocessing.tiling import tile_coordinates
+from preprocessing.tissue import TissueParams, compute_tissue_mask
+
+# Realistic preset, small slides, every slide with a pen stroke, a fold and a blurred patch.
+CFG = replace(
+    PRESETS["realistic"], size_range=(1800, 2200), min_region_side=256,
+    pen_strokes=(1, 2), folds=(1, 1), blur_patches=(1, 2),
+)
+
+
+def coverage(coords: np.ndarray, tile: float, boxes: list[tuple[int, int, int, int]], dims) -> np.ndarray:
+    """Fraction of each tile's area inside the union of ``boxes`` (rasterised at 4 px)."""
+    m = np.zeros((dims[1] // 4 + 1, dims[0] // 4 + 1), bool)
+    for x0, y0, x1, y1 in boxes:
+        m[y0 // 4 : (y1 + 3) // 4, x0 // 4 : (x1 + 3) // 4] = True
+    t = int(tile) // 4
+    return np.array([m[int(y) // 4 : int(y) // 4 + t, int(x) // 4 : int(x) // 4 + t].mean() for x, y in coords])
+
+
+@pytest.fixture(scope="module")
+def slides(tmp_path_factory):
+    """Per slide: tiles of the default pen-removing mask, the same without pen removal, QC measures, boxes."""
+    out = tmp_path_factory.mktemp("realistic")
+    generate_cohort(out, sites=3, slides_per_site=1, seed=2, config=CFG, progress=False)
+    result = []
+    for path in sorted(out.glob("*/slides/*.tiff")):
+        with open(path.parent.parent / "artifacts.csv", newline="") as f:
+            rows = [r for r in csv.DictReader(f) if r["slide_id"] == path.stem]
+        boxes = {
+            kind: [tuple(int(r[k]) for k in ("x0", "y0", "x1", "y1")) for r in rows if r["kind"].startswith(kind)]
+            for kind in ("pen", "fold", "blur")
+        }
+        with open_slide(path) as slide:
+            tm = compute_tissue_mask(slide)
+            grid = tile_coordinates(slide, tm)
+            off = tile_coordinates(slide, compute_tissue_mask(slide, TissueParams(remove_pen=False)))
+            t = round(grid.tile_size_level0)
+            tiles = np.stack([slide.read_region((int(x), int(y)), 0, (t, t)) for x, y in grid.coords])
+            dims = slide.dimensions
+        qc = tile_qc(tiles, SlideReference.from_mask(tm.thumbnail, tm.mask))
+        cov = {k: coverage(grid.coords, t, b, dims) for k, b in boxes.items()}
+        result.append({"grid": grid, "off": off, "boxes": boxes, "qc": qc, "cov": cov, "dims": dims, "t": t})
+    return result
+
+
+def test_kept_tiles_rarely_overlap_pen(slides):
+    """≤ 5 % of kept tiles lie mostly (> 50 %) inside pen boxes; without pen removal more do."""
+    kept = sum(len(s["grid"]) for s in slides)
+    on_pen = sum(int((s["cov"]["pen"] > 0.5).sum()) for s in slides)
+    off_pen = sum(int((coverage(s["off"].coords, s["t"], s["boxes"]["pen"], s["dims"]) > 0.5).sum()) for s in slides)
+    assert kept > 100
+    assert on_pen / kept <= 0.05
+    assert off_pen > on_pen
+    # With QC exclusion on top, tiles with a quarter of ink go too.
+    keep = np.concatenate([qc_keep(s["qc"], QCParams(max_pen_fraction=0.25)) for s in slides])
+    mostly_pen = np.concatenate([s["cov"]["pen"] > 0.5 for s in slides])
+    assert (mostly_pen & keep).sum() < on_pen or on_pen == 0
+
+
+def _auc(slides, kind: str, measure: str, sign: float, inside: float) -> float:
+    y, score = [], []
+    for s in slides:
+        clean = sum(s["cov"].values()) == 0
+        hit = s["cov"][kind] >= inside
+        sel = hit | clean
+        y += list(hit[sel])
+        score += list(sign * s["qc"][measure][sel])
+    assert 3 <= sum(y) < len(y)
+    return float(roc_auc_score(y, score))
+
+
+def test_blur_separates_out_of_focus_patches(slides):
+    assert _auc(slides, "blur", "blur", -1.0, 0.99) > 0.9
+
+
+def test_fold_fraction_finds_folds(slides):
+    assert _auc(slides, "fold", "fold_fraction", 1.0, 0.5) > 0.9
+
+
+def test_pen_fraction_finds_ink(slides):
+    assert _auc(slides, "pen", "pen_fraction", 1.0, 0.5) > 0.9
+
+
+def test_planted_tumour_is_not_fold_or_pen(tmp_path):
+    """Dense, dark tumour nuclei must not read as fold or ink (that would drop the signal)."""
+    cfg = replace(PRESETS["realistic"], size_range=(1500, 1600), min_region_side=256, tumour_contrast=1.0,
+                  tumour_fraction=(0.2, 0.3), pen_strokes=(0, 0), folds=(0, 0), blur_patches=(0, 0))
+    generate_cohort(tmp_path, sites=1, slides_per_site=4, seed=0, config=cfg, progress=False)
+    with open(tmp_path / "site_1" / "planted.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rows
+    for r in rows:
+        x, y, w, h = (int(r[k]) for k in ("x", "y", "width", "height"))
+        with open_slide(tmp_path / "site_1" / "slides" / f"{r['slide_id']}.tiff") as slide:
+            tm = compute_tissue_mask(slide)
+            tiles = slide.read_region((x, y), 0, (w // 224 * 224, h // 224 * 224))
+        tiles = tiles.reshape(h // 224, 224, w // 224, 224, 3).swapaxes(1, 2).reshape(-1, 224, 224, 3)
+        qc = tile_qc(tiles, SlideReference.from_mask(tm.thumbnail, tm.mask))
+        assert qc["fold_fraction"].mean() < 0.05 and qc["pen_fraction"].max() < 0.05
+
+
+def test_measures_on_known_images():
+    rng = np.random.default_rng(0)
+    sharp = rng.integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    flat = np.full((1, 64, 64, 3), 200, np.uint8)
+    lv = laplacian_variance(np.concatenate([sharp, flat]))
+    assert lv.shape == (3,) and lv[2] == 0 and (lv[:2] > 1000).all()
+    blue = np.zeros((1, 64, 64, 3), np.uint8) + np.array([40, 75, 185], np.uint8)
+    pink = np.zeros((1, 64, 64, 3), np.uint8) + np.array([220, 140, 190], np.uint8)
+    assert pen_fraction(blue)[0] == 1.0 and pen_fraction(pink)[0] == 0.0
+    keep = qc_keep({"blur": lv, "pen_fraction": np.zeros(3), "fold_fraction": np.zeros(3)}, QCParams(min_sharpness=1))
+    assert keep.tolist() == [True, True, False]
+    with pytest.raises(ValueError):
+        laplacian_variance(np.zeros((4, 4), np.float32))
+    with pytest.raises(ValueError):
+        QCParams(max_pen_fraction=2)
+
+
+def test_qc_params_default_excludes_nothing():
+    measures = {"blur": np.zeros(4, np.float32), "pen_fraction": np.ones(4), "fold_fraction": np.ones(4)}
+    assert qc_keep(measures, QCParams()).all()
+
+
