@@ -37,8 +37,15 @@ _FP_SAMPLES = 16
 
 
 def slide_id_for(path: str | os.PathLike) -> str:
-    """The slide id used for output names: the file name without its last suffix."""
-    return Path(path).stem
+    """The slide id used for output names: the file name without its last suffix.
+
+    A DICOM slide is a folder of ``.dcm`` files (one series, one file per level or frame group, as scanners
+    export it) whose file names are UIDs or counters that say nothing: its id is the folder's name.
+    """
+    p = Path(path)
+    if p.suffix.lower() == ".dcm":
+        return p.absolute().parent.name
+    return p.stem
 
 
 def content_fingerprint(path: str | os.PathLike) -> str:

@@ -87,7 +87,7 @@ def test_cli_defaults_are_the_dataclasses_defaults():
     assert dataclass_from_args(MILConfig, train, in_dim=1024, n_classes=2) == MILConfig()
     evaluate = _parse("evaluate", "--model", "m", "--features", "f", "--labels", "l", "--out", "o")
     assert dataclass_from_args(EvalOptions, evaluate, exclude=("top_tiles",), heatmap_slides=()) == EvalOptions()
-    assert evaluate.label_col == SplitConfig().label_col
+    assert evaluate.label_col is None and evaluate.split is None  # the model's own column; its test split
     bench = _parse("mil-benchmark", "--csv", "x.csv")
     assert dataclass_from_args(BenchmarkConfig, bench, exclude=("val_frac", "train", "threads", "mil")) \
         == BenchmarkConfig()

@@ -65,7 +65,8 @@ def test_fedconfig_model_fields_reach_the_sites_model():
 
 def test_model_fields_cover_every_milconfig_field_a_federation_can_choose():
     """A MILConfig field added later fails here until it is either federated (MODEL_FIELDS) or left out on purpose."""
-    not_federated = {"in_dim", "n_classes", "k_sample", "inst_weight"}  # from the sites' data; CLAM defaults
+    not_federated = {"in_dim", "n_classes", "k_sample", "inst_weight",  # from the sites' data; CLAM defaults
+                     "n_extreme", "n_heads"}  # chowder/transmil defaults until a federation chooses them (issue 20)
     milconfig_fields = {f.name for f in dataclasses.fields(MILConfig)}
     assert set(MODEL_FIELDS) == milconfig_fields - not_federated
     assert set(MODEL_FIELDS) <= {f.name for f in dataclasses.fields(FedConfig)}
@@ -197,7 +198,8 @@ def test_federation_trains_and_writes_checkpoints_evaluate_accepts(cohort, tmp_p
     code = main(["evaluate", "--model", str(out / "best.pt"), "--features", str(site / "features"),
                  "--labels", str(site / "labels.csv"), "--out", str(tmp_path / "eval"), "--bootstrap", "50"])
     assert code == 0
-    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["n"] == 14
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())  # the site's held-out slides only
+    assert metrics["n"] == len(expected[2].test) < 14 and metrics["evaluated"]["slides_given"] == 14
 
 
 def test_crashed_and_silent_sites_do_not_stop_the_round(cohort, tmp_path):

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 
 import pytest
-from bagsites import make_site
+from bagsites import DIM, _attrs, make_site
 
+from preprocessing.h5format import FeatureWriter
 from wsi_fl.cli import main
+from wsi_fl.evaluation.options import EvalOptions
 from wsi_fl.mil.fit import fit
 from wsi_fl.mil.training import TrainConfig
 
@@ -37,9 +40,11 @@ def test_evaluate_cli_report_and_provenance_refusal(tmp_path, capsys):
     other = make_site(tmp_path, "b", 8, seed=2)
     out = tmp_path / "eval"
     code = main(["evaluate", "--model", str(tmp_path / "run" / "model.pt"), "--features", str(other.features_dir),
-                 "--labels", str(other.labels), "--out", str(out), "--bootstrap", "100", "--heatmap-top-k", "2"])
+                 "--labels", str(other.labels), "--out", str(out), "--bootstrap", "100", "--heatmap-top-k", "2",
+                 "--split", "all"])  # another cohort: every slide
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["evaluated"]["split"] == "all" and metrics["evaluated"]["held_out"] is False
     assert metrics["n"] == 8 and 0 <= metrics["auc"] <= 1 and len(metrics["auc_ci95"]) == 2
     assert {"brier", "calibration", "sensitivity", "specificity", "confusion_matrix"} <= set(metrics)
     with open(out / "predictions.csv") as f:
@@ -88,3 +93,18 @@ def test_train_cli_usage_errors(tmp_path, capsys):
                  str(tmp_path / "r"), "--model", "nope", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "--site" in err and "nope" in err
+
+
+def test_a_labelled_slide_without_tiles_is_left_out_with_a_message(tmp_path, caplog):
+    """A slide preprocessing found empty (a feature file of zero tiles) no longer stops training later."""
+    site = make_site(tmp_path, "a", 12, seed=4)
+    with FeatureWriter(site.features_dir / "blank.h5", DIM, _attrs("blank")) as writer:
+        writer.commit()
+    site.labels.write_text(site.labels.read_text() + "blank,1,p99\n")
+    with caplog.at_level(logging.WARNING, logger="wsi_fl.mil"):
+        result = fit([site], tmp_path / "run", train=TrainConfig(epochs=1, seed=0),
+                     eval_opts=EvalOptions(n_bootstrap=10), progress=False)
+    assert "slide blank left out: its feature file has no tiles (preprocessing status empty)" in caplog.text
+    with open(tmp_path / "run" / "splits.csv") as f:
+        assert "blank" not in {r["slide_id"] for r in csv.DictReader(f)}
+    assert sum(result.split_sizes.values()) == 12

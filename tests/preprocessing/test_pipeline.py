@@ -47,10 +47,10 @@ def test_batch_goes_on_past_bad_slides_and_exit_code_says_so(shared_run):
     rows = _manifest(out / "manifest.csv")
     status = {k: v["status"] for k, v in rows.items()}
     assert status == {
-        "boxes": "failed", "boxes_0": "ok", "broken": "failed", "cmu-1-small-region": "ok",
-        "kidney-48-5": "failed", "small": "ok", "tcga-cr-7395-01a-01-ts1": "failed",
+        "boxes": "failed", "slides": "empty", "broken": "failed", "cmu-1-small-region": "ok",
+        "kidney-48-5": "failed", "small": "empty", "tcga-cr-7395-01a-01-ts1": "failed",
         "unopenable": "failed", "unreadable": "failed",
-    }  # boxes_1.dcm is the second file of the boxes_0 DICOM slide, not a slide of its own
+    }  # boxes_0.dcm and boxes_1.dcm are one DICOM slide, named after its folder (here slides/)
     errors = {k: v["error"] for k, v in rows.items()}
     assert "no microns-per-pixel (MPP)" in errors["tcga-cr-7395-01a-01-ts1"]
     assert "no microns-per-pixel (MPP)" in errors["kidney-48-5"]
@@ -59,10 +59,11 @@ def test_batch_goes_on_past_bad_slides_and_exit_code_says_so(shared_run):
     assert "Bogus marker length" in errors["unreadable"]
     assert "cannot open as a slide" in errors["broken"]
     assert "smaller than one tile" in errors["small"] and rows["small"]["n_tiles"] == "0"
+    assert errors["slides"].startswith("no tiles: slide 16x16 px is smaller than one tile")
     for slide_id, row in rows.items():
         assert "\n" not in row["error"]
         feature_file = out / "features" / f"{slide_id}.h5"
-        assert feature_file.exists() == (row["status"] == "ok")
+        assert feature_file.exists() == (row["status"] in ("ok", "empty"))
     assert not [p for p in (out / "features").iterdir() if p.name.startswith(".")]  # nothing half-written
 
 
@@ -139,6 +140,42 @@ def test_shard_parsing():
     for bad in ("4/4", "x", "1/0"):
         with pytest.raises(ValueError):
             parse_shard(bad)
+
+
+def _slurm(task: int, count: int, first: int = 0, step: int | None = None, **more: str) -> dict[str, str]:
+    env = {"SLURM_ARRAY_TASK_ID": str(task), "SLURM_ARRAY_TASK_MIN": str(first), "SLURM_ARRAY_TASK_COUNT": str(count),
+           **more}
+    return env | ({"SLURM_ARRAY_TASK_STEP": str(step)} if step is not None else {})
+
+
+def test_slurm_shard_honours_step_and_min_and_resubmitted_tasks():
+    # --array=0-14:2 (8 tasks) and --array=1-15:2: the same 8 shards
+    assert [parse_shard("auto", _slurm(t, 8, 0, 2)) for t in range(0, 15, 2)] == [(i, 8) for i in range(8)]
+    assert [parse_shard("auto", _slurm(t, 8, 1, 2)) for t in range(1, 16, 2)] == [(i, 8) for i in range(8)]
+    # redoing tasks 3 and 5 of an 8-task array (--array=3,5): WSI_FL_SHARD_COUNT says which array they belong to
+    assert parse_shard("auto", _slurm(5, 2, 3, 2, WSI_FL_SHARD_COUNT="8")) == (5, 8)
+    # ... and without it a resubmitted task refuses instead of taking itself for the whole batch (shard 0/1)
+    with pytest.raises(ValueError, match="array of one task: to redo one shard"):
+        parse_shard("auto", _slurm(5, 1, 5))
+    assert parse_shard("auto", _slurm(0, 1)) == (0, 1)  # a genuine one-task array
+    with pytest.raises(ValueError, match="not min 1 plus a multiple of step 2"):
+        parse_shard("auto", _slurm(4, 3, 1, 2))
+    with pytest.raises(ValueError, match="gives shard 4/4"):
+        parse_shard("auto", _slurm(4, 4))
+    with pytest.raises(ValueError, match="SLURM_ARRAY_TASK_COUNT='' is not a whole number"):
+        parse_shard("auto", {"SLURM_ARRAY_TASK_ID": "1"})
+
+
+def test_a_slide_without_tiles_is_empty_with_its_reason_on_every_run(slide_file, tmp_path, capsys):
+    args = ["preprocess", "--slides", str(slide_file("small.svs")), "--out", str(tmp_path), *FAST]
+    for _ in range(2):  # the re-run finds the output done, and still says why it is empty
+        assert main(args) == 0  # nothing failed
+        row = _manifest(tmp_path / "manifest.csv")["small"]
+        assert row["status"] == "empty" and row["n_tiles"] == "0"
+        assert row["error"] == "no tiles: slide 16x16 px is smaller than one tile (224 px at level 0)"
+        out = capsys.readouterr().out
+        assert "1 slides: 0 ok, 0 skipped, 1 empty, 0 failed; 0 tiles" in out
+        assert "  empty: small: no tiles: slide 16x16 px is smaller than one tile" in out
 
 
 def test_duplicate_slide_ids_refused(tmp_path):

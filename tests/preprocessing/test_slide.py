@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from preprocessing.errors import SlideError
-from preprocessing.slide import content_fingerprint, open_slide
+from preprocessing.pipeline import discover_slides, plan_tasks
+from preprocessing.slide import content_fingerprint, open_slide, slide_id_for
 
 
 @pytest.mark.parametrize(
@@ -24,7 +25,25 @@ def test_formats_open(slide_file, name, vendor, levels):
     with open_slide(slide_file(name)) as s:
         assert s.info.vendor == vendor
         assert s.level_count == levels
-        assert s.slide_id == slide_file(name).stem
+        path = slide_file(name)
+        assert s.slide_id == (path.parent.name if name.endswith(".dcm") else path.stem)  # DICOM: its folder
+
+
+def test_a_dicom_slide_is_named_after_its_folder(slide_file, tmp_path):
+    """Scanners export a DICOM slide as a folder of files named by UIDs: the folder's name is the slide's id,
+    whichever of its files is found or given."""
+    series = tmp_path / "archive" / "B-2022-0003"
+    series.mkdir(parents=True)
+    for k, name in enumerate(("boxes_0.dcm", "boxes_1.dcm")):
+        (series / f"1.2.826.0.1.3680043.{k}.dcm").symlink_to(slide_file(name))
+    (tmp_path / "archive" / "B-2021-0042.svs").symlink_to(slide_file("small.svs"))
+    found = discover_slides([tmp_path / "archive"])
+    assert sorted(t.slide_id for t in plan_tasks(found)) == ["B-2021-0042", "B-2022-0003"]
+    given = discover_slides(sorted(series.iterdir()))  # both files of the slide named on the command line
+    assert [t.slide_id for t in plan_tasks(given)] == ["B-2022-0003"]
+    assert slide_id_for("B-2021-0042.svs") == "B-2021-0042"
+    with open_slide(given[0]) as s:
+        assert s.info.vendor == "dicom" and s.slide_id == "B-2022-0003"
 
 
 @pytest.mark.parametrize(

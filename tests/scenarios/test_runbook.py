@@ -215,8 +215,8 @@ def test_try_run_goes_through_every_slide(tried):
     assert tried.run.code == 1, tried.run.out  # some slides failed, the others were done
     rows = manifest(tried.out)
     status = {sid: (r["status"], int(r["n_tiles"]) > 0) for sid, r in rows.items()}
-    assert status == {
-        "cmu-1-small-region": ("ok", True), "small": ("ok", False), "boxes_0": ("ok", False),
+    assert status == {  # the DICOM slide (dicom/boxes_0.dcm, dicom/boxes_1.dcm) is named after its folder
+        "cmu-1-small-region": ("ok", True), "small": ("empty", False), "dicom": ("empty", False),
         "tcga-cr-7395-01a-01-ts1": ("failed", False), "kidney-48-5": ("failed", False), "boxes": ("failed", False),
         "unopenable": ("failed", False), "unreadable": ("failed", False), "broken": ("failed", False)}, status
     info = check_feature_file(tried.out / "features" / "cmu-1-small-region.h5")
@@ -276,7 +276,7 @@ def test_real_run_then_the_mpp_fix_redoes_only_the_failed_slides(production):
     rows = manifest(production.out)
     assert rows["cmu-1-small-region"]["status"] == "skipped"
     assert rows["tcga-cr-7395-01a-01-ts1"]["status"] == "ok" and int(rows["tcga-cr-7395-01a-01-ts1"]["n_tiles"]) > 0
-    assert rows["kidney-48-5"]["status"] == "ok" and rows["kidney-48-5"]["n_tiles"] == "0"
+    assert rows["kidney-48-5"]["status"] == "empty" and rows["kidney-48-5"]["n_tiles"] == "0"
     quoted("no-tissue", (production.out / "manifest.csv").read_text(encoding="utf-8"))
     info = check_feature_file(production.out / "features" / "tcga-cr-7395-01a-01-ts1.h5")
     digest = hashlib.sha256(production.weights.read_bytes()).hexdigest()
@@ -326,12 +326,23 @@ def test_coordinator_certificates_and_a_site_made_key(tmp_path):
     again = run_block("make-certs", CA_DIR=ca, SUPERLINK_HOSTS="x", SITES="site_1", TMP=tmp_path)
     assert again.code == 2 and "wsi-fl certs: error: " in again.out and "already exists" in again.out, again.out
 
-    require_tool("ssh-keygen")
-    certs = tmp_path / "certs"
+    certs = tmp_path / "certs"  # a site's own key pair: no CA, no ssh-keygen
     run = run_block("site-key", CERTS=certs, SITE="site_1")
     assert run.code == 0, run.out
-    assert stat.S_IMODE((certs / "site_1").stat().st_mode) == 0o600
+    assert stat.S_IMODE((certs / "site_1").stat().st_mode) == 0o600 and stat.S_IMODE(certs.stat().st_mode) == 0o700
     assert (certs / "site_1.pub").read_text().startswith("ecdsa-sha2-nistp384 ")  # what Flower registers
+    assert not (certs / "ca.key").exists() and sorted(p.name for p in certs.iterdir()) == ["site_1", "site_1.pub"]
+    # read as Flower reads them: flwr supernode register (the public key), flower-supernode (the private key)
+    from flwr.cli.supernode.register import try_load_public_key
+    from flwr.supernode.cli.flower_supernode import _try_setup_client_authentication
+
+    assert try_load_public_key(certs / "site_1.pub")
+    private, public = _try_setup_client_authentication(SimpleNamespace(
+        auth_supernode_private_key=str(certs / "site_1"), auth_supernode_public_key=None))
+    assert public.public_numbers() == private.public_key().public_numbers()
+    registered = (certs / "site_1.pub").read_text()
+    again = run_block("site-key", CERTS=certs, SITE="site_1")  # a registered key is never replaced silently
+    assert again.code == 2 and "already exist" in again.out and (certs / "site_1.pub").read_text() == registered
 
 
 def test_example_policy_is_valid_and_the_check_names_a_wrong_key(tmp_path):
@@ -344,6 +355,23 @@ def test_example_policy_is_valid_and_the_check_names_a_wrong_key(tmp_path):
     run = run_block("policy-check", POLICY=policy)
     assert run.code == 1, run.out
     quoted("policy-typo", run.out)
+
+
+def test_approving_a_release_adds_the_hash_flwr_run_ships(tmp_path):
+    """The runbook's approval steps on a reviewed tree: the policy then lists exactly the hash of the bundle
+    ``flwr run`` builds from that tree, and ``check-policy`` shows it in force."""
+    from apptrees import copy_app
+
+    from wsi_fl.site.approval import app_hash
+    from wsi_fl.site.policy import load_policy
+
+    release, policy = copy_app(tmp_path / "release"), tmp_path / "policy.toml"
+    policy.write_text(doc_block("site-policy", "toml") + "\n")
+    run = run_block("app-approval", RELEASE=release, POLICY=policy)
+    assert run.code == 0, run.out
+    expected = app_hash(release)
+    assert load_policy(policy).approved_apps == (expected,)
+    assert f"approving {expected}\n" in run.out and f"  approved-apps = [{expected}]\n" in run.out, run.out
 
 
 # -- what a site's ClientApp says (the real ClientApp, in this process) ------------------------------------------
@@ -392,16 +420,22 @@ def test_quoted_site_refusals_and_site_errors_are_what_the_clientapp_says(tmp_pa
     broken.write_text("max-round = 3\n")
     quoted("policy-broken-at-site", reason(_deliver(node(policy=str(broken)), MessageType.QUERY)))
 
-    # a labelled slide whose preprocessing found no tissue (a zero-tile feature file)
+    # a labelled slide whose preprocessing found no tissue (a zero-tile feature file): left out, with a message
     with FeatureWriter(site.features_dir / "blank.h5", 16, _attrs("blank")) as writer:
         writer.commit()
     labels = tmp_path / "labels-with-blank.csv"
     labels.write_text(site.labels.read_text() + "blank,0,p99\n")
+    with caplog.at_level(logging.WARNING, logger="wsi_fl.mil"):
+        assert not _deliver({**node(), "labels": str(labels)}, MessageType.QUERY).has_error()
+    assert "slide blank left out: its feature file has no tiles" in caplog.text
+    # a labelled slide without a feature file (failed, or never preprocessed)
+    labels = tmp_path / "labels-with-ghost.csv"  # another file: loaded sites are cached by their paths
+    labels.write_text(site.labels.read_text() + "ghost,0,p99\n")
     caplog.clear()
     with caplog.at_level(logging.ERROR, logger="wsi_fl.site"):
         failed = reason(_deliver({**node(), "labels": str(labels)}, MessageType.QUERY))
     quoted("site-data-error", failed, caplog.text)
-    assert "blank" not in failed and str(tmp_path) not in failed  # details stay at the site
+    assert "ghost" not in failed and str(tmp_path) not in failed  # details stay at the site
 
     caplog.clear()
     with caplog.at_level(logging.ERROR, logger="wsi_fl.site"):
@@ -415,34 +449,40 @@ def test_quoted_site_refusals_and_site_errors_are_what_the_clientapp_says(tmp_pa
 
 # -- evaluating the coordinator's model --------------------------------------------------------------------------
 
-def test_evaluate_the_shared_model_on_the_test_split(tmp_path, capsys):
-    trained = make_site(tmp_path / "consortium", "a", 16, seed=1)
-    fit([trained], tmp_path / "run", train=TrainConfig(epochs=3, lr=1e-3, seed=0), test_frac=0.0, progress=False)
+def test_evaluate_scores_the_held_out_split_of_the_shared_model(tmp_path, capsys):
+    """The coordinator's model (pooled here: the same split record as a federation's); our site evaluates it with
+    the labels it trained with and gets exactly its held-out test slides."""
+    ours = make_site(tmp_path / "consortium", "site", 24, seed=2)  # OUT: features/ and labels.csv
+    other = make_site(tmp_path / "consortium", "other", 16, seed=1)
+    fit([ours, other], tmp_path / "run", train=TrainConfig(epochs=2, lr=1e-3, seed=0), progress=False)
     model = tmp_path / "best.pt"
     shutil.copy(tmp_path / "run" / "model.pt", model)  # what the coordinator shares
-    ours = make_site(tmp_path, "site", 12, seed=2)  # OUT: features/ and labels.csv, as after preprocessing
-    rows = list(csv.reader(ours.labels.open()))
-    with ours.labels.open("w", newline="") as f:
-        csv.writer(f).writerows([[*rows[0], "split"], *([*r, "test" if i >= 6 else "train"]
-                                                          for i, r in enumerate(rows[1:]))])
-    out, eval_labels, report = ours.labels.parent, tmp_path / "eval" / "labels-test.csv", tmp_path / "report"
-    eval_labels.parent.mkdir()
-    run = run_block("test-labels", OUT=out, EVAL_LABELS=eval_labels)
-    assert run.code == 0 and "6 test slides" in run.out, run.out
+    with (tmp_path / "run" / "splits.csv").open() as f:
+        held_out = {r["slide_id"] for r in csv.DictReader(f) if r["site"] == "site" and r["split"] == "test"}
     (tmp_path / "slides").mkdir()
-    run = run_block("evaluate", MODEL=model, OUT=out, EVAL_LABELS=eval_labels, REPORT=report,
-                    SLIDES=tmp_path / "slides")
+    report = tmp_path / "report"
+    run = run_block("evaluate", MODEL=model, OUT=ours.labels.parent, REPORT=report, SLIDES=tmp_path / "slides")
     assert run.code == 0, run.out
+    assert f"scored the test split: {len(held_out)} of 24 slides ({24 - len(held_out)} left out" in run.out
     metrics = json.loads((report / "metrics.json").read_text())
-    assert metrics["n"] == 6 and len(metrics["auc_ci95"]) == 2 and "confusion_matrix" in metrics
-    assert len(list(csv.DictReader((report / "predictions.csv").open()))) == 6
+    assert metrics["n"] == len(held_out) and len(metrics["auc_ci95"]) == 2 and "confusion_matrix" in metrics
+    assert metrics["evaluated"]["split"] == "test" and metrics["evaluated"]["held_out"] is True
+    assert {r["slide_id"] for r in csv.DictReader((report / "predictions.csv").open())} == held_out
     for plot in ("roc.png", "calibration.png"):
         assert (report / plot).stat().st_size > 0
-    assert len(list((report / "heatmaps").glob("*.geojson"))) == 5
+    assert len(list((report / "heatmaps").glob("*.geojson"))) == min(5, len(held_out))
 
-    plain = make_site(tmp_path / "nosplit", "site", 4, seed=3)  # labels without a split column
-    run = run_block("test-labels", OUT=plain.labels.parent, EVAL_LABELS=tmp_path / "x.csv")
-    assert run.code == 1 and "no rows with split=test" in run.out, run.out
+    # a model from before split records: refused unless --split all (or labels with a split column)
+    import torch
+
+    payload = torch.load(model, weights_only=True)
+    del payload["meta"]["splits"]
+    torch.save(payload, tmp_path / "old.pt")
+    code = main(["evaluate", "--model", str(tmp_path / "old.pt"), "--features", str(ours.features_dir),
+                 "--labels", str(ours.labels), "--out", str(tmp_path / "old-report")])
+    err = capsys.readouterr().err
+    assert code == 2 and not (tmp_path / "old-report" / "metrics.json").exists(), err
+    quoted("no-split-record", err)
 
     foreign = make_site(tmp_path / "foreign", "site", 4, seed=3, encoder="enc-b", tile_size=256)
     code = main(["evaluate", "--model", str(model), "--features", str(foreign.features_dir), "--labels",
@@ -499,7 +539,6 @@ def test_supernode_connects_and_each_connection_error_is_the_quoted_one(tmp_path
     """The runbook's key, registration and SuperNode commands against a real SuperLink; then each way to get the
     connection wrong. A shim puts ``--port`` last on ``flower-supernode`` so that its local ClientApp API does
     not take 9094 on a shared test machine (the runbook's own advice for a busy host)."""
-    require_tool("ssh-keygen")
     ca, certs, home = tmp_path / "ca", tmp_path / "certs", tmp_path / "flwr-home"
     assert run_block("make-certs", CA_DIR=ca, SUPERLINK_HOSTS="127.0.0.1", SITES="site_2", TMP=tmp_path).code == 0
     assert run_block("site-key", CERTS=certs, SITE="site_1").code == 0
@@ -510,7 +549,10 @@ def test_supernode_connects_and_each_connection_error_is_the_quoted_one(tmp_path
     (shim / "flower-supernode").write_text(
         f'#!/bin/sh\nexec "{BIN / "flower-supernode"}" "$@" --port "$SUPERNODE_TEST_PORT"\n')
     (shim / "flower-supernode").chmod(0o755)
-    node = None
+    (shim / "wsi-fl").write_text(  # the site's runner follows its SuperNode to the same port
+        f'#!/bin/sh\nexec "{BIN / "wsi-fl"}" "$@" --runtime-api "127.0.0.1:$SUPERNODE_TEST_PORT"\n')
+    (shim / "wsi-fl").chmod(0o755)
+    node = runner = None
     with tls_superlink(ca, home, tmp_path / "superlink.log") as port:
         site = dict(CERTS=certs, SITE="site_1", SUPERLINK=f"127.0.0.1:{port}", FLWR_HOME=home, OUT=tmp_path / "site",
                     POLICY=tmp_path / "policy.toml", AUDIT_LOG=tmp_path / "audit.jsonl")
@@ -518,14 +560,22 @@ def test_supernode_connects_and_each_connection_error_is_the_quoted_one(tmp_path
             run = run_block("register", PUBKEY=certs / "site_1.pub", SITE="site_1", FLWR_HOME=home)
             assert run.code == 0, run.out
 
-            log = tmp_path / "supernode.log"
-            node = start_block("supernode", log, path_first=shim, SUPERNODE_TEST_PORT=_free_port(), **site)
+            log, runner_log, api = tmp_path / "supernode.log", tmp_path / "runner.log", _free_port()
+            node = start_block("supernode", log, path_first=shim, SUPERNODE_TEST_PORT=api, **site)
 
             def connected() -> bool:
                 text = log.read_text(errors="replace")
                 assert node.poll() is None, text
                 return "SuperNode ID:" in text
             _wait_for(connected, 120, "the SuperNode to connect")
+            # The site's task runner polls that SuperNode's Runtime API (no task comes: none is run here), and
+            # stopping it, as a service manager does, is a normal end: exit 0, no "interrupted".
+            runner = start_block("site-runner", runner_log, path_first=shim, SUPERNODE_TEST_PORT=api)
+            _wait_for(lambda: "polling 127.0.0.1:" in runner_log.read_text(), 60, "the site runner to start")
+            time.sleep(3.0)
+            assert runner.poll() is None and "Connection attempt failed" not in runner_log.read_text()
+            stop(runner)
+            assert runner.returncode == 0 and "interrupted" not in runner_log.read_text(), runner_log.read_text()
             stop(node)
 
             def check(**changes: object) -> str:
@@ -551,8 +601,9 @@ def test_supernode_connects_and_each_connection_error_is_the_quoted_one(tmp_path
             quoted("no-superlink", nobody)
             quoted("no-superlink-check", nobody)
         finally:
-            if node is not None:
-                stop(node)
+            for proc in (runner, node):
+                if proc is not None:
+                    stop(proc)
 
 
 # -- the rehearsal on one machine --------------------------------------------------------------------------------

@@ -139,7 +139,7 @@ def test_errors_leave_the_site_without_their_details(fed):
     errors = [r.error.reason for r in fed.grid.sent if r.has_error()]
     broken = [e for e in errors if "SiteConfigError" in e]
     assert len(broken) == 1 + ROUNDS  # node 4's query and training (its default policy refuses evaluation first)
-    assert set(broken) == {"SiteError: SiteConfigError at the site (its log has the details)"}
+    assert set(broken) == {"SiteConfigError at the site (its log has the details)"}
     assert sum("allow-site-metrics is false" in e for e in errors) == 2 * ROUNDS  # nodes 3 and 4
 
 

@@ -15,9 +15,11 @@ from pathlib import Path
 import pytest
 import tomli_w
 from bagsites import DIM, make_cohort, make_site
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.common.constant import ErrorCode
 
 from models import create_model, list_models
+from models.checkpoint import load_checkpoint
 from wsi_fl.engines import deployment
 from wsi_fl.engines.inline import InlineGrid
 from wsi_fl.federation import arrays as fedarrays
@@ -313,3 +315,50 @@ def test_local_federation_gives_each_supernode_its_policy_and_refuses_a_disallow
     with pytest.raises(ValueError, match=r"SuperLink 127\.0\.0\.1:\d+ is not allowed .*no SuperNode started"):
         deployment.rehearse(tmp_path / "cohort", tmp_path / "out", 1, workdir=tmp_path / "work", policy=own)
     assert not list((tmp_path / "work" / "logs").glob("*.log")), "no process was started"
+
+
+# -- a refusal is one line at the site, not Flower's traceback -----------------------------------------------------
+
+def test_a_refusal_is_answered_not_raised_so_flower_logs_no_traceback(site, tmp_path, caplog):
+    """Flower's runtimes (``run_clientapp`` in deployment, the simulation engine) log any exception escaping a
+    ClientApp with its traceback, and in deployment end the app process with "Exit Code: 800". A refusal is the
+    site's decision: the ClientApp returns it as an error reply, logged in one line that names the rule."""
+    policy = write_policy(tmp_path / "p.toml", 'allowed-strategies = ["fedprox"]\n')
+    app = make_client_app()
+    InlineGrid(app, [])  # Flower's task identity, which a Message needs
+    context = Context(run_id=1, node_id=1, node_config=node(site, policy, tmp_path), state=RecordDict(),
+                      run_config={})
+    with caplog.at_level(logging.INFO, logger="wsi_fl"):
+        reply = app(instruction(MessageType.TRAIN, FedConfig(**SMALL)), context)  # as Flower calls it; no raise
+    assert reply.has_error() and reply.error.code == ErrorCode.MOD_FAILED_PRECONDITION
+    assert reply.error.reason == ("PolicyViolation: site policy: strategy 'fedavg' is not allowed "
+                                  "(allowed-strategies: fedprox)")
+    said = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(said) == 1 and not said[0].exc_info
+    assert said[0].getMessage() == ("refused the train instruction of run 1, round 1: site policy: strategy "
+                                    "'fedavg' is not allowed (allowed-strategies: fedprox)")
+
+
+@pytest.mark.slow
+def test_in_a_deployment_a_refusal_is_one_line_at_the_site_and_a_reason_at_the_server(tmp_path):
+    """Flower's deployment runtime on loopback (a SuperLink, two SuperNodes, ``flwr run``; one round): both sites'
+    policy refuses evaluation. Each site logs one line per refusal, no traceback and no "Exit Code: 800"; the
+    server logs the reason; the run completes; and the checkpoint records the split (no slide id)."""
+    make_cohort(tmp_path / "cohort", sizes=(8, 8))
+    policy = write_policy(tmp_path / "policy.toml", "min-train-bags = 1\nmin-eval-slides = 1\n")
+    result = deployment.rehearse(tmp_path / "cohort", tmp_path / "out", 1, workdir=tmp_path / "work", timeout=600,
+                                 insecure=True, policy=policy,
+                                 run_config="hidden-dim=16 attn-dim=8 min-evaluate-nodes=1 test-frac=0.25")
+    logs = {p.name: p.read_text(errors="replace") for p in Path(result["logs"]).glob("*.log")}
+    assert result["ok"], "\n".join(f"== {k}\n{v[-3000:]}" for k, v in logs.items())
+    at_sites = "\n".join(v for k, v in logs.items() if k != "superlink.log" and k != "flwr-run.log")
+    refused = [line for line in at_sites.splitlines() if "refused the evaluate instruction" in line]
+    assert len(refused) == 2, at_sites
+    assert all(line.endswith("site policy: allow-site-metrics is false: this site does not report evaluation "
+                              "metrics") for line in refused), refused
+    # what Flower's run_clientapp logs for an exception escaping the ClientApp (the traceback follows it)
+    assert "ClientApp raised an exception" not in at_sites and "Exit Code: 800" not in at_sites, at_sites
+    assert logs["flwr-run.log"].count("failed to evaluate: PolicyViolation: site policy: allow-site-metrics is "
+                                      "false") == 2
+    _, ckpt = load_checkpoint(tmp_path / "out" / "best.pt")
+    assert ckpt.meta["splits"]["test_frac"] == 0.25 and ckpt.meta["splits"]["sites"] == []

@@ -25,3 +25,21 @@ def existing_file(text: str) -> Path:
     if not path.is_file():
         raise argparse.ArgumentTypeError(f"{text}: no such file")
     return path
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def add_threads_option(parser: argparse._ActionsContainer) -> None:
+    """``--threads N``: the CPUs a command uses (preprocessing.runtime.use_threads)."""
+    parser.add_argument("--threads", type=positive_int, metavar="N",
+                        help="CPU threads to use (default: SLURM_CPUS_PER_TASK under SLURM, else the CPUs this "
+                             "process may use: its CPU affinity and cgroup quota)")

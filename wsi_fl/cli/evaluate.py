@@ -1,7 +1,14 @@
 """``wsi-fl evaluate``: metrics with confidence intervals, report plots and attention maps for a checkpoint.
 
-Refuses feature files from another encoder, weights, resolution or tile size
-than the checkpoint was trained on.
+By default it scores only the slides the model was not trained on: the held-out test split, redrawn from
+the split record in the checkpoint (seed, fractions, patient-level rule, label column) exactly as training
+drew it for these labels. ``--split val`` scores the validation split, ``--split all`` every slide given;
+``metrics.json`` (``evaluated``) and the printed summary say which split was scored and how many slides
+were left out, and ``--split all`` is labelled as possibly including training slides. A checkpoint made
+before split records needs labels with a complete ``split`` column, or ``--split all``.
+
+Refuses feature files from another encoder, weights, resolution or tile size than the checkpoint was
+trained on.
 """
 
 from __future__ import annotations
@@ -10,22 +17,26 @@ import argparse
 from pathlib import Path
 
 from wsi_fl.cli._args import add_dataclass_args, dataclass_from_args
-from wsi_fl.cli._common import EXIT_OK
-from wsi_fl.evaluation.options import EvalOptions
-from wsi_fl.mil.config import SplitConfig
+from wsi_fl.cli._common import EXIT_OK, add_threads_option
+from wsi_fl.evaluation.options import SPLIT_CHOICES, EvalOptions
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("evaluate", help="evaluate a trained model on a feature directory", description=__doc__)
-    p.add_argument("--model", type=Path, required=True, help="checkpoint (model.pt from wsi-fl train)")
+    p = sub.add_parser("evaluate", help="evaluate a trained model on a feature directory", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, required=True, help="checkpoint (model.pt from wsi-fl train, best.pt)")
     p.add_argument("--features", type=Path, required=True, help="feature directory (from wsi-fl preprocess)")
-    p.add_argument("--labels", type=Path, required=True, help="labels CSV slide_id,label[,patient_id]")
+    p.add_argument("--labels", type=Path, required=True, help="labels CSV slide_id,label[,patient_id][,split]")
     p.add_argument("--out", type=Path, required=True, help="report directory")
-    add_dataclass_args(p, SplitConfig, exclude=("val_frac", "test_frac"))  # --label-col
+    p.add_argument("--split", choices=SPLIT_CHOICES, default=None,
+                   help="which slides to score: test (default: the held-out split of the model's training), "
+                        "val, or all (every slide given, including any the model was trained on)")
+    p.add_argument("--label-col", default=None, help="outcome column (default: the one the model was trained on)")
     add_dataclass_args(p, EvalOptions, exclude=("heatmap_slides", "top_tiles"))
     p.add_argument("--slides", type=Path, nargs="+", default=[], metavar="DIR",
                    help="where the slide files are (for heatmap images)")
     p.add_argument("--heatmap-slides", nargs="+", default=[], metavar="SLIDE_ID", help="slides to draw")
+    add_threads_option(p)
     p.set_defaults(func=run)
 
 
@@ -35,11 +46,13 @@ def run(args: argparse.Namespace) -> int:
     opts = dataclass_from_args(EvalOptions, args, exclude=("top_tiles",), heatmap_slides=tuple(args.heatmap_slides))
     import json
 
+    from preprocessing.runtime import use_threads
     from wsi_fl.evaluation.evaluate import evaluate_checkpoint
 
-    m = evaluate_checkpoint(args.model, args.features, args.labels, args.out, label_col=args.label_col,
-                            slide_dirs=args.slides, opts=opts)
+    with use_threads(args.threads):
+        m = evaluate_checkpoint(args.model, args.features, args.labels, args.out, label_col=args.label_col,
+                                split=args.split, slide_dirs=args.slides, opts=opts)
     keys = ("n", "auc", "auc_ci95", "accuracy", "balanced_accuracy", "sensitivity", "specificity", "brier")
-    print(json.dumps({k: m.get(k) for k in keys}))
+    print(json.dumps({"split": m["evaluated"]["split"], **{k: m.get(k) for k in keys}}))
     print(f"report: {args.out}")
     return EXIT_OK

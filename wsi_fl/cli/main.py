@@ -26,7 +26,8 @@ from wsi_fl.errors import WsiFlError
 
 #: The subcommands' modules (under wsi_fl.cli), in the order ``--help`` lists them. Each has
 #: ``register(sub)``, which adds its parser, and ``run(args) -> int``.
-COMMANDS = ("synth", "preprocess", "train", "federate", "evaluate", "mil_benchmark", "rehearse", "certs", "demo")
+COMMANDS = ("synth", "preprocess", "labels", "train", "federate", "evaluate", "mil_benchmark", "rehearse", "certs",
+            "encoders", "app_hash", "check_policy", "site_runner", "demo")
 
 DESCRIPTION = ("Federated attention-MIL on whole-slide images: preprocess slides into features at each\n"
                "hospital, train and evaluate slide-level models, federate them with Flower.")

@@ -1,8 +1,10 @@
 """``wsi-fl preprocess``: tissue detection, tiling at a physical resolution and feature extraction.
 
 Writes ``OUT/features/<slide_id>.h5``, ``OUT/qc/<slide_id>.png`` and
-``OUT/manifest.csv``. Exit code 0 if every slide is ok or skipped, 1 if any
-failed (the others are still processed), 2 on bad options. After a job array
+``OUT/manifest.csv``. A slide's id is its file name without the suffix; a
+DICOM slide's (a folder of .dcm files) is its folder's name. A slide with no
+tile is ``empty``, with the reason. Exit code 0 if every slide is ok, skipped
+or empty, 1 if any failed (the others are still processed), 2 on bad options. After a job array
 (``--shard``), ``--merge-manifests`` joins the shards' manifests into
 ``OUT/manifest.csv`` (same exit codes).
 """
@@ -15,7 +17,10 @@ from pathlib import Path
 
 from preprocessing.params import TilingParams, TissueParams
 from wsi_fl.cli._args import add_dataclass_args, dataclass_from_args
-from wsi_fl.cli._common import EXIT_FAILED, EXIT_OK, UsageError
+from wsi_fl.cli._common import EXIT_FAILED, EXIT_OK, UsageError, add_threads_option
+
+#: Tiling fields whose default is the encoder card's (µm/px and tile size it was trained at).
+CARD_TILING = ("target_mpp", "tile_size")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,7 +30,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="slide files and/or directories (searched recursively)")
     p.add_argument("--out", type=Path, required=True, help="output directory")
     g = p.add_argument_group("tiling")
-    add_dataclass_args(g, TilingParams)
+    g.add_argument("--target-mpp", type=float, metavar="TARGET_MPP",
+                   help="µm/px of the tiles (default: the encoder card's, e.g. 0.5; 0.5 for a model file)")
+    g.add_argument("--tile-size", type=int, metavar="TILE_SIZE",
+                   help="tile side in px at the target MPP (default: the encoder card's, e.g. 256 for uni_v1;"
+                        " 224 for a model file)")
+    add_dataclass_args(g, TilingParams, exclude=CARD_TILING)
     g = p.add_argument_group("tissue detection")
     add_dataclass_args(g, TissueParams, prefix="tissue-")
     g = p.add_argument_group("resolution (MPP)")
@@ -33,8 +43,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--default-mpp", type=float, help="µm/px for slides whose file records none")
     g = p.add_argument_group("encoder")
     g.add_argument("--encoder", default="resnet50_trunc",
-                   help="registered encoder name or a TorchScript file (default: resnet50_trunc)")
-    g.add_argument("--weights", type=Path, help="weights file (default: the local torch cache; never downloaded)")
+                   help="registered encoder name (`wsi-fl encoders` lists them), or a TorchScript (.pt) or"
+                        " torch.export (.pt2) file (default: resnet50_trunc)")
+    g.add_argument("--weights", type=Path, metavar="FILE|DIR",
+                   help="weight file (.safetensors, .bin, .pth) or a folder holding the release (a model-hub"
+                        " snapshot or hub cache); default: found in --weights-dir or the hub cache; never downloaded")
+    g.add_argument("--weights-dir", type=Path, metavar="DIR",
+                   help="the site's weights catalogue: DIR/weights.json, DIR/<encoder>/<file> or a hub cache"
+                        " layout (default: $WSI_FL_WEIGHTS_DIR)")
     g.add_argument("--random-init", action="store_true",
                    help="use randomly initialised weights (tests and demos; recorded in every output file)")
     g.add_argument("--feature-dtype", choices=("float32", "float16"), default="float32")
@@ -42,21 +58,35 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--num-workers", type=int, help="tile-reading worker processes (default: chosen)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     g = p.add_argument_group("batch")
-    g.add_argument("--shard", help="i/n: process every n-th slide from the i-th (0-based), or 'auto' to read"
-                                   " SLURM_ARRAY_TASK_ID/COUNT or JOB_COMPLETION_INDEX+WSI_FL_SHARD_COUNT")
+    g.add_argument("--shard", help="i/n: process every n-th slide from the i-th (0-based), or 'auto': SLURM's"
+                                   " (SLURM_ARRAY_TASK_ID - _MIN) / _STEP of SLURM_ARRAY_TASK_COUNT, or"
+                                   " JOB_COMPLETION_INDEX of WSI_FL_SHARD_COUNT (Kubernetes); WSI_FL_SHARD_COUNT"
+                                   " under SLURM: redo some tasks of an earlier array (task id = shard)")
     g.add_argument("--merge-manifests", action="store_true",
                    help="process nothing: merge OUT/manifest.shard-I-of-N.csv of a finished job array into"
                         " OUT/manifest.csv, checking that every slide of --slides has a row")
     g.add_argument("--overwrite", action="store_true", help="redo slides even when their outputs are valid")
     g.add_argument("--no-qc", action="store_true", help="do not write QC images")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_threads_option(g)
     p.set_defaults(func=run)
+
+
+def _card_tiling(args: argparse.Namespace) -> dict[str, float | int]:
+    """``--target-mpp``/``--tile-size`` as given, else the encoder card's (TilingParams' defaults for a file)."""
+    from preprocessing.cards import CARDS
+
+    card = CARDS.get(args.encoder) if args.encoder in CARDS else None
+    default = TilingParams()
+    mpp, size = (card.mpp, card.tile_size) if card else (default.target_mpp, default.tile_size)
+    return {"target_mpp": mpp if args.target_mpp is None else args.target_mpp,
+            "tile_size": size if args.tile_size is None else args.tile_size}
 
 
 def run(args: argparse.Namespace) -> int:
     # Bad options and inputs (shard, MPP table, encoder, manifests) raise preprocessing's own errors, which
     # wsi_fl.cli.main reports in one line; anything else is a bug and keeps its traceback.
-    tiling = dataclass_from_args(TilingParams, args)  # checked before the heavy imports below
+    tiling = dataclass_from_args(TilingParams, args, **_card_tiling(args))  # checked before the heavy imports
     tissue = dataclass_from_args(TissueParams, args, prefix="tissue-")
     from preprocessing.mpp import read_mpp_csv
     from preprocessing.pipeline import (
@@ -67,10 +97,12 @@ def run(args: argparse.Namespace) -> int:
         read_manifest,
         run_preprocess,
     )
+    from preprocessing.runtime import use_threads
 
     cfg = PreprocessConfig(
         out_dir=args.out,
         tiling=tiling, tissue=tissue, encoder=args.encoder, weights=args.weights, random_init=args.random_init,
+        weights_dir=args.weights_dir,
         feature_dtype=args.feature_dtype, batch_size=args.batch_size, num_workers=args.num_workers,
         device=args.device, mpp_table=read_mpp_csv(args.mpp_csv) if args.mpp_csv else {},
         default_mpp=args.default_mpp, overwrite=args.overwrite, qc=not args.no_qc, progress=not args.quiet,
@@ -85,12 +117,15 @@ def run(args: argparse.Namespace) -> int:
         rows = read_manifest(merge_manifests(args.out, slides))
         print(f"merged shard manifests -> {args.out / 'manifest.csv'}")
     else:
-        rows = [vars(r) for r in run_preprocess(slides, cfg, shard=shard)]
+        with use_threads(args.threads):
+            rows = [vars(r) for r in run_preprocess(slides, cfg, shard=shard)]
     counts = Counter(r["status"] for r in rows)
     tiles = sum(int(r["n_tiles"]) for r in rows)
-    print(f"{len(rows)} slides: {counts['ok']} ok, {counts['skipped']} skipped, {counts['failed']} failed;"
-          f" {tiles} tiles -> {args.out}")
+    print(f"{len(rows)} slides: {counts['ok']} ok, {counts['skipped']} skipped, {counts['empty']} empty,"
+          f" {counts['failed']} failed; {tiles} tiles -> {args.out}")
     for r in rows:
         if r["status"] == "failed":
             print(f"  failed: {r['error']}")
+        elif r["status"] == "empty":  # a feature file with nothing to learn from: left out of training
+            print(f"  empty: {r['slide_id']}: {r['error']}")
     return EXIT_FAILED if counts["failed"] else EXIT_OK

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from models.config import MILConfig
 from wsi_fl.cli._args import add_dataclass_args, dataclass_from_args
-from wsi_fl.cli._common import EXIT_OK, UsageError
+from wsi_fl.cli._common import EXIT_OK, UsageError, add_threads_option
 from wsi_fl.mil.config import SplitConfig, TrainConfig
 
 
@@ -27,6 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="output directory (model.pt, splits, history, test/)")
     add_dataclass_args(p.add_argument_group("data and splits"), SplitConfig)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_threads_option(p)
     add_dataclass_args(p.add_argument_group("model"), MILConfig, exclude=("in_dim", "n_classes"))
     add_dataclass_args(p.add_argument_group("optimisation"), TrainConfig)
     p.set_defaults(func=run)
@@ -40,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
     split = dataclass_from_args(SplitConfig, args)
     import json
 
+    from preprocessing.runtime import use_threads
     from wsi_fl.mil.fit import Site, fit
 
     sites = [Site(name, Path(f), Path(lab)) for name, f, lab in (args.site or [])]
@@ -49,8 +51,9 @@ def run(args: argparse.Namespace) -> int:
         sites.append(Site(args.features.parent.name or "site", args.features, args.labels))
     if not sites:
         raise UsageError("give at least one --site NAME FEATURES_DIR LABELS_CSV (or --features and --labels)")
-    result = fit(sites, args.out, model=model, train=train, label_col=split.label_col, val_frac=split.val_frac,
-                 test_frac=split.test_frac, progress=not args.quiet)
+    with use_threads(args.threads):
+        result = fit(sites, args.out, model=model, train=train, label_col=split.label_col,
+                     val_frac=split.val_frac, test_frac=split.test_frac, progress=not args.quiet)
     print(f"model: {result.checkpoint} (best epoch {result.best_epoch}; splits {result.split_sizes})")
     if result.test_metrics:
         m = result.test_metrics

@@ -4,6 +4,8 @@
   with subjectAltNames for the SuperLink's hostnames and IP addresses. The SuperLink takes
   ``--ssl-ca-certfile ca.crt --ssl-certfile server.pem --ssl-keyfile server.key``; SuperNodes
   (``--root-certificates``) and ``flwr`` (``root-certificates`` in ``$FLWR_HOME/config.toml``) take ``ca.crt``.
+* :func:`write_site_key`: one site's own key pair, made at the site without any CA (its private key never
+  leaves it), in the formats of :func:`write_supernode_keys`.
 * :func:`write_supernode_keys`: one EC (P-384) key pair per SuperNode in the formats Flower 1.41 reads: the
   private key in OpenSSH format (``flower-supernode --auth-supernode-private-key``, read with
   ``load_ssh_private_key``), the public key as an OpenSSH line (``flwr supernode register KEY.pub``, read with
@@ -173,6 +175,40 @@ def check_key_names(names: Sequence[str]) -> None:
         raise ValueError(f"names: duplicates in {list(names)}")
 
 
+def _node_key_blobs(name: str) -> tuple[bytes, bytes]:
+    """(OpenSSH private key, OpenSSH public key line ending in ``name``) of a fresh EC P-384 key pair."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                serialization.NoEncryption())
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    return private, public + f" {name}\n".encode()
+
+
+def write_site_key(out_dir: str | Path, name: str, *, overwrite: bool = False) -> NodeKeyPair:
+    """Write one site's own SuperNode key pair, ``out_dir/<name>`` (0600) and ``<name>.pub``, without any CA.
+
+    What a site makes for itself, so that its private key never leaves it: the coordinator registers only the
+    ``.pub`` (``flwr supernode register``). The same formats as :func:`write_supernode_keys` (and as
+    ``ssh-keygen -t ecdsa -b 384``), which Flower's SuperNode and ``flwr`` read. ``out_dir`` may hold other files
+    (``ca.crt``); it is created with mode 0700. Raises :class:`ValueError` for a name that is not a plain file
+    name, or if either key file exists (unless ``overwrite``): a key pair already registered is not replaced.
+    """
+    check_key_names([name])
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} exists and is not a directory")
+    pair = NodeKeyPair(out / name, out / f"{name}.pub")
+    existing = [str(p) for p in (pair.private_key, pair.public_key) if p.exists()]
+    if existing and not overwrite:
+        raise ValueError(f"{' and '.join(existing)} already exist(s): a key pair the coordinator may have "
+                         "registered is not replaced (overwrite, or --overwrite, does it)")
+    private, public = _node_key_blobs(name)
+    out.mkdir(mode=0o700, parents=True, exist_ok=True)
+    write_atomic(pair.private_key, private, 0o600)
+    write_atomic(pair.public_key, public, 0o644)
+    return pair
+
+
 def write_supernode_keys(out_dir: str | Path, names: Sequence[str], *, overwrite: bool = False
                          ) -> dict[str, NodeKeyPair]:
     """Write one authentication key pair per SuperNode: ``<name>`` (OpenSSH private key, 0600), ``<name>.pub``.
@@ -184,13 +220,7 @@ def write_supernode_keys(out_dir: str | Path, names: Sequence[str], *, overwrite
     check_key_names(names)
     out = Path(out_dir)
     _check_out_dir(out, overwrite)
-    blobs: dict[str, tuple[bytes, bytes]] = {}
-    for name in names:
-        key = ec.generate_private_key(ec.SECP384R1())
-        private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                    serialization.NoEncryption())
-        public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-        blobs[name] = private, public + f" {name}\n".encode()
+    blobs = {name: _node_key_blobs(name) for name in names}
     out.mkdir(parents=True, exist_ok=True)
     pairs: dict[str, NodeKeyPair] = {}
     for name, (private, public) in blobs.items():

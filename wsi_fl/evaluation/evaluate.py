@@ -22,9 +22,12 @@ from models.checkpoint import load_checkpoint
 from preprocessing.atomic import write_text_atomic
 from preprocessing.h5format import COORDS
 from wsi_fl.errors import ConfigError
+from wsi_fl.evaluation.heldout import select_slides
 from wsi_fl.evaluation.metrics import classification_metrics
 from wsi_fl.evaluation.options import EvalOptions  # stdlib-only, for the CLI; importable from here too
+from wsi_fl.mil.config import SplitRecord
 from wsi_fl.mil.data import BagRecord, FeatureBagDataset, read_labels
+from wsi_fl.mil.splits import drop_empty_slides
 from wsi_fl.mil.training import Predictions, predict
 
 
@@ -39,11 +42,12 @@ def write_predictions(path: Path, preds: Predictions, records: Sequence[BagRecor
 
 
 def write_report(out_dir: Path, preds: Predictions, records: Sequence[BagRecord], classes: Sequence[str],
-                 opts: EvalOptions = EvalOptions(), title: str = "") -> dict:
-    """predictions.csv, metrics.json, roc.png, calibration.png; returns the metrics."""
+                 opts: EvalOptions = EvalOptions(), title: str = "", extra: Mapping | None = None) -> dict:
+    """predictions.csv, metrics.json (the metrics and ``extra``), roc.png, calibration.png; returns the metrics."""
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics = classification_metrics(preds.targets, preds.probs, classes=classes, threshold=opts.threshold,
                                       n_bootstrap=opts.n_bootstrap, seed=opts.seed)
+    metrics.update(extra or {})
     write_predictions(out_dir / "predictions.csv", preds, records, classes)
     write_text_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     from wsi_fl.evaluation.plots import plot_calibration, plot_roc  # matplotlib: imported only when a report is drawn
@@ -109,16 +113,36 @@ def write_heatmaps(out_dir: Path, preds: Predictions, feature_paths: Mapping[str
 
 
 def evaluate_checkpoint(checkpoint: str | Path, features_dir: str | Path, labels: str | Path, out_dir: str | Path,
-                        *, label_col: str = "label", slide_dirs: Sequence[Path] = (),
+                        *, label_col: str | None = None, split: str | None = None, slide_dirs: Sequence[Path] = (),
                         opts: EvalOptions = EvalOptions(), log=print) -> dict:
-    """Evaluate; returns the metrics dict (also written to ``out_dir/metrics.json``)."""
+    """Evaluate the slides :func:`~wsi_fl.evaluation.heldout.select_slides` picks for ``split`` (None: the
+    held-out test split of the model's training); returns the metrics dict (also written to
+    ``out_dir/metrics.json``, with ``evaluated``: which split, how many slides scored and left out).
+
+    ``label_col``: the outcome column; None takes the one the model was trained on.
+    """
     out_dir = Path(out_dir)
     model, ckpt = load_checkpoint(checkpoint)
+    record = SplitRecord.from_meta(ckpt.meta)
+    trained_col = record.label_col if record else ckpt.meta.get("label_col", "label")
+    label_col = label_col or trained_col
+    if label_col != trained_col and split != "all":
+        raise ConfigError(f"the model was trained on column {trained_col!r} and its split drawn on it: "
+                          f"--label-col {label_col} needs --split all")
     table = read_labels(labels, label_col=label_col, classes=ckpt.classes)
-    dataset = FeatureBagDataset(table.records, features_dir, expected_provenance=ckpt.provenance)
+    features_dir = Path(features_dir)
+    given = drop_empty_slides(table.records, features_dir, log)
+    # every given slide's feature file is checked first (existence, feature space): a refusal names the real cause
+    FeatureBagDataset(given, features_dir, expected_provenance=ckpt.provenance)
+    chosen = select_slides(ckpt.meta, given, split, str(checkpoint))
+    log(chosen.line())
+    for note in chosen.notes:
+        log(f"note: {note}")
+    dataset = FeatureBagDataset(chosen.records, features_dir, expected_provenance=ckpt.provenance)
     draw = bool(opts.heatmap_slides or opts.heatmap_top_k)
     preds = predict(model, dataset, keep_attention=draw)
-    metrics = write_report(out_dir, preds, table.records, ckpt.classes, opts, title=Path(checkpoint).stem)
+    metrics = write_report(out_dir, preds, chosen.records, ckpt.classes, opts, title=Path(checkpoint).stem,
+                           extra={"evaluated": chosen.summary()})
     if draw:
         paths = {r.slide_id: p for r, p in zip(dataset.records, dataset.paths, strict=True)}
         write_heatmaps(out_dir, preds, paths, slide_dirs, opts, log=log)

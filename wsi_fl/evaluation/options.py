@@ -13,6 +13,10 @@ from dataclasses import dataclass, field
 
 from wsi_fl.errors import ConfigError
 
+#: What ``wsi-fl evaluate --split`` scores (wsi_fl.evaluation.heldout): the held-out test split of the model's
+#: training (the default), its validation split, or every slide given.
+SPLIT_CHOICES = ("test", "val", "all")
+
 
 @dataclass(frozen=True)
 class EvalOptions:

@@ -68,3 +68,49 @@ class SplitConfig:
         if not (0 <= self.val_frac < 1 and 0 <= self.test_frac < 1 and self.val_frac + self.test_frac < 1):
             raise ConfigError(f"need 0 <= val_frac, test_frac and val_frac + test_frac < 1, "
                               f"not {self.val_frac}, {self.test_frac}")
+
+
+#: How every trainer in this project splits a site: the labels' ``split`` column when every row has one, else
+#: a patient-level split stratified by label, drawn per site (wsi_fl.mil.fit.assign_splits). A checkpoint names
+#: the rule, so that a later version that splits otherwise cannot be mistaken for this one.
+SPLIT_RULE = "per-site patient-level stratified v1"
+
+
+@dataclass(frozen=True)
+class SplitRecord:
+    """How a model's training slides were split, stored in its checkpoint (``meta["splits"]``).
+
+    Enough for ``wsi-fl evaluate`` to recompute, from a site's own labels file, which of its slides were held
+    out (the site's split depends only on its labels and these values), and nothing that names a slide: a
+    federated checkpoint leaves the server, and the server never learns a slide id. ``sites`` (local and pooled
+    training only) holds each training site's name and a digest of its labels, so that evaluate can say whether
+    the labels it is given are a training site's, unchanged.
+    """
+
+    seed: int
+    val_frac: float
+    test_frac: float
+    label_col: str
+    rule: str = SPLIT_RULE
+    sites: tuple[dict, ...] = ()
+
+    def to_meta(self) -> dict:
+        return {"rule": self.rule, "seed": self.seed, "val_frac": self.val_frac, "test_frac": self.test_frac,
+                "label_col": self.label_col, "sites": [dict(s) for s in self.sites]}
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> SplitRecord | None:
+        """The record in a checkpoint's meta; None for a checkpoint made before records (or without one)."""
+        record = meta.get("splits")
+        if not isinstance(record, dict):
+            return None
+        try:
+            return cls(seed=int(record["seed"]), val_frac=float(record["val_frac"]),
+                       test_frac=float(record["test_frac"]), label_col=str(record["label_col"]),
+                       rule=str(record["rule"]), sites=tuple(dict(s) for s in record.get("sites", ())))
+        except (KeyError, TypeError, ValueError) as err:
+            raise ConfigError(f"the checkpoint's split record is damaged ({err})") from err
+
+    def describe(self) -> str:
+        return (f"seed {self.seed}, val-frac {self.val_frac:g}, test-frac {self.test_frac:g}, by patient, "
+                f"label column {self.label_col!r}")

@@ -28,9 +28,9 @@ from preprocessing.atomic import write_csv_atomic
 from wsi_fl import __version__
 from wsi_fl.errors import ConfigError
 from wsi_fl.evaluation.evaluate import EvalOptions, write_heatmaps, write_report
-from wsi_fl.mil.config import SplitConfig
+from wsi_fl.mil.config import SplitConfig, SplitRecord
 from wsi_fl.mil.data import BagRecord, FeatureBagDataset, read_labels, sort_classes
-from wsi_fl.mil.splits import splits_from_column, train_val_split, train_val_test_split
+from wsi_fl.mil.splits import assign_splits, drop_empty_slides, labels_digest
 from wsi_fl.mil.training import TrainConfig, concat_datasets, predict, train_model
 
 _SPLIT = SplitConfig()  # the defaults of wsi-fl train's --label-col, --val-frac and --test-frac
@@ -56,7 +56,8 @@ def load_site_records(sites: Sequence[Site], label_col: str, classes: Sequence[s
     """All sites' records with one shared class mapping; patient ids made site-unique.
 
     ``classes`` fixes the mapping (a federation's, agreed by the server); by default it is the union of the
-    sites' labels in :func:`~wsi_fl.mil.data.sort_classes` order.
+    sites' labels in :func:`~wsi_fl.mil.data.sort_classes` order. Slides without tiles are left out
+    (:func:`drop_empty_slides`).
     """
     if classes is None:
         tables = [read_labels(s.labels, label_col=label_col) for s in sites]
@@ -64,27 +65,19 @@ def load_site_records(sites: Sequence[Site], label_col: str, classes: Sequence[s
     classes = list(classes)
     records = []
     for site in sites:
-        for rec in read_labels(site.labels, label_col=label_col, classes=classes).records:
+        table = read_labels(site.labels, label_col=label_col, classes=classes)
+        for rec in drop_empty_slides(table.records, site.features_dir):
             records.append((site, replace(rec, patient_id=f"{site.name}:{rec.patient_id}")))
     return records, classes
 
 
-def assign_splits(records: Sequence[BagRecord], val_frac: float, test_frac: float, seed: int) -> dict[str, np.ndarray]:
-    predefined = splits_from_column(records)
-    if predefined is not None:
-        return predefined
-    targets = np.array([r.target for r in records])
-    groups = np.array([r.patient_id for r in records])
-    if test_frac == 0 and val_frac == 0:
-        return {"train": np.arange(len(records))}
-    if test_frac == 0:  # every slide for training and validation, e.g. before an external evaluation
-        train, val = train_val_split(targets, groups, val_frac, seed)
-        return {"train": train, "val": val}
-    if val_frac == 0:  # no epoch selection (fixed epochs): every non-test slide trains
-        train, test = train_val_split(targets, groups, test_frac, seed)
-        return {"train": train, "test": test}
-    train, val, test = train_val_test_split(targets, groups, val_frac=val_frac, test_frac=test_frac, seed=seed)
-    return {"train": train, "val": val, "test": test}
+def site_digests(pairs: Sequence[tuple[Site, BagRecord]]) -> tuple[dict, ...]:
+    """Each site's name, slide count and :func:`labels_digest` (of its own patient ids, as its labels have them)."""
+    by_site: dict[Site, list[BagRecord]] = {}
+    for site, rec in pairs:
+        by_site.setdefault(site, []).append(replace(rec, patient_id=rec.patient_id[len(site.name) + 1:]))
+    return tuple({"name": s.name, "n_slides": len(recs), "labels_digest": labels_digest(recs)}
+                 for s, recs in by_site.items())
 
 
 def assign_site_splits(pairs: Sequence[tuple[Site, BagRecord]], val_frac: float, test_frac: float,
@@ -166,6 +159,7 @@ def fit(sites: Sequence[Site], out_dir: str | Path, *, model: MILConfig = MILCon
         "best_epoch": result.best_epoch,
         "split_sizes": {k: len(v) for k, v in splits.items()},
         "label_col": label_col,
+        "splits": SplitRecord(train.seed, val_frac, test_frac, label_col, sites=site_digests(pairs)).to_meta(),
     }
     ckpt = save_checkpoint(out_dir / "model.pt", result.model, classes, dict(train_ds.provenance), meta)
     test_metrics = None

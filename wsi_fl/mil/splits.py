@@ -10,15 +10,21 @@ Indices returned are sorted ``int64`` arrays into the sample order given.
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
+from preprocessing.h5format import FeatureFileError, check_feature_file
 from wsi_fl.errors import ConfigError
 from wsi_fl.mil.data import SPLIT_NAMES, BagRecord
+
+log = logging.getLogger("wsi_fl.mil")
 
 #: The most folds :func:`train_val_split` uses to approximate a fraction (0.05 steps at worst).
 _MAX_FRACTION_FOLDS = 20
@@ -144,3 +150,57 @@ def splits_from_column(records: Sequence[BagRecord]) -> dict[str, np.ndarray] | 
     if problem:
         raise ConfigError(f"predefined splits not patient-disjoint: {problem}")
     return out
+
+
+def assign_splits(records: Sequence[BagRecord], val_frac: float, test_frac: float, seed: int) -> dict[str, np.ndarray]:
+    """One site's split (the rule :data:`wsi_fl.mil.config.SPLIT_RULE` names): the labels' split column when
+    every row has one, else patient-level and stratified with these fractions and seed. A function of the
+    records and these values only, so ``wsi-fl evaluate`` redraws it from a checkpoint's split record."""
+    predefined = splits_from_column(records)
+    if predefined is not None:
+        return predefined
+    targets = np.array([r.target for r in records])
+    groups = np.array([r.patient_id for r in records])
+    if test_frac == 0 and val_frac == 0:
+        return {"train": np.arange(len(records))}
+    if test_frac == 0:  # every slide for training and validation, e.g. before an external evaluation
+        train, val = train_val_split(targets, groups, val_frac, seed)
+        return {"train": train, "val": val}
+    if val_frac == 0:  # no epoch selection (fixed epochs): every non-test slide trains
+        train, test = train_val_split(targets, groups, test_frac, seed)
+        return {"train": train, "test": test}
+    train, val, test = train_val_test_split(targets, groups, val_frac=val_frac, test_frac=test_frac, seed=seed)
+    return {"train": train, "val": val, "test": test}
+
+
+def has_no_tiles(path: Path) -> bool:
+    """Whether ``path`` is a complete feature file with zero tiles (a slide preprocessing reported ``empty``)."""
+    try:
+        return path.is_file() and check_feature_file(path).n_tiles == 0
+    except FeatureFileError:
+        return False  # damaged: FeatureBagDataset says what is wrong with it
+
+
+def drop_empty_slides(records: Sequence[BagRecord], features_dir: Path,
+                      say: Callable[[str], None] = log.warning) -> list[BagRecord]:
+    """``records`` without the slides whose feature file has no tiles, each left out with a message.
+
+    Such a slide (no tissue tile; manifest status ``empty``) has nothing to learn from or to score. It is left
+    out before any split is drawn, by training, by a federated site and by ``wsi-fl evaluate`` alike, so that
+    all three split the same slides. A missing or damaged feature file is still an error (FeatureBagDataset).
+    """
+    kept = []
+    for rec in records:
+        if has_no_tiles(features_dir / f"{rec.slide_id}.h5"):
+            say(f"slide {rec.slide_id} left out: its feature file has no tiles (preprocessing status empty)")
+        else:
+            kept.append(rec)
+    return kept
+
+
+def labels_digest(records: Sequence[BagRecord]) -> str:
+    """A digest of what a site's split is drawn from (slide, label, patient, split of each labelled slide)."""
+    h = hashlib.sha256()
+    for r in sorted(records, key=lambda r: r.slide_id):
+        h.update("\t".join((r.slide_id, r.label, r.patient_id, r.split or "")).encode() + b"\n")
+    return f"sha256:{h.hexdigest()}"

@@ -47,6 +47,7 @@ from preprocessing.atomic import atomic_path, write_text_atomic
 from wsi_fl import __version__
 from wsi_fl.federation import arrays as fedarrays
 from wsi_fl.federation.config import MODEL_KEYS, FedConfig
+from wsi_fl.mil.config import SplitRecord
 from wsi_fl.privacy.central import KEY_DP_WEIGHT, PrivacyLedger, make_plan, set_sample_size, wrap_strategy
 from wsi_fl.server.replies import TRAIN_METRICS, aggregate_evaluation, screen_replies, summarise
 from wsi_fl.server.sites import FederationError, client_config, query_sites, wait_for_sites
@@ -156,6 +157,9 @@ class ServerRun:
         meta = {"package_version": __version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "mode": "federated", "round": self.round, "fed_config": self.cfg.to_run_config(),
                 "label_col": self.cfg.label_col,
+                # how each site split its slides (no slide id: the server never has one), for wsi-fl evaluate
+                "splits": SplitRecord(self.cfg.seed, self.cfg.val_frac, self.cfg.test_frac,
+                                      self.cfg.label_col).to_meta(),
                 "metrics": self.history[-1] if self.history else {}}
         return save_checkpoint(self.out / name, self.model, self.classes, self.provenance, meta)
 

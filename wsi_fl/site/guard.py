@@ -6,9 +6,12 @@ leaves (after the DP clipping mod). For each message:
 
 1. log ``received`` in the site's audit log (:mod:`wsi_fl.site.audit`);
 2. check the instruction against the node's site policy
-   (:mod:`wsi_fl.site.policy`); a refusal is logged here at WARNING, written
-   to the audit log and raised, so Flower sends an error reply whose reason
-   (``site policy: ...``) the server logs;
+   (:mod:`wsi_fl.site.policy`) and, under slide-level DP, the run against the
+   site's privacy ledger (:mod:`wsi_fl.site.ledger`: charged once, at the run's
+   first training instruction); a refusal is logged here in one WARNING line
+   (what was refused, which rule), written to the audit log and answered with
+   an error reply whose reason (``PolicyViolation: site policy: ...``) the
+   server logs;
 3. run the handler; an evaluation reply has its small splits emptied
    (``min-eval-slides``);
 4. log ``sent`` and return the reply.
@@ -16,6 +19,11 @@ leaves (after the DP clipping mod). For each message:
 A handler that raises is logged here in full, but the error reply says only
 the exception's type: exception messages name files and slides
 (``.../features/s01.h5: ...``), and nothing naming them may leave the site.
+
+Refusals and failures are *answered* (an error reply), not raised: Flower
+turns an exception escaping a ClientApp into its own traceback and the app
+process's "Exit Code: 800" in the SuperNode's output, for what is a decision
+of the site (a refusal) or already logged here (a failure).
 """
 
 from __future__ import annotations
@@ -27,11 +35,13 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord
+from flwr.app import ConfigRecord, Context, Error, Message, MessageType, MetricRecord
 from flwr.clientapp.typing import ClientAppCallable
+from flwr.common.constant import ErrorCode
 
 from wsi_fl.site import audit
 from wsi_fl.site.data import SiteConfigError, site_from_node_config
+from wsi_fl.site.ledger import admit_run
 from wsi_fl.site.policy import (
     PolicyViolation,
     SiteFacts,
@@ -119,6 +129,12 @@ class SiteGuard:
         self.cohort, self.train_bags = cohort, train_bags
 
     def __call__(self, msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        try:
+            return self._guard(msg, context, call_next)
+        except SiteError as err:  # the audit log cannot be written: nothing is sent but this (already logged)
+            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=str(err)), reply_to=msg)
+
+    def _guard(self, msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
         node_config, node = context.node_config, context.node_id
         simulated = is_simulated(node_config, self.cohort)
         journal = node_audit_log(node_config, self.cohort, simulated)
@@ -133,6 +149,8 @@ class SiteGuard:
             if kind == MessageType.TRAIN and config is not None:  # data loaded only once the other rules accept
                 facts = replace(facts, train_bags=self.train_bags(config, context))
                 check_instruction(policy, msg.metadata.message_type, config, facts)
+            admit_run(policy, msg.metadata.message_type, msg.metadata.run_id, config, node_config, self.cohort,
+                      journal.path if journal else None, lambda: self.train_bags(config, context))  # ε ledger
             reply = call_next(msg, context)
             suppressed: list[str] = []
             if kind == MessageType.EVALUATE and not reply.has_error() and "metrics" in reply.content.metric_records:
@@ -143,12 +161,13 @@ class SiteGuard:
             log.warning("refused the %s instruction of run %s, round %s: %s", kind, msg.metadata.run_id,
                         (config or {}).get("server-round", "-"), err)
             self._record(journal, audit.refused(msg, node, str(err)))
-            raise
+            return Message(Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=f"{type(err).__name__}: {err}"),
+                           reply_to=msg)
         except Exception as err:
             log.error("the %s instruction of run %s failed at this site", kind, msg.metadata.run_id, exc_info=err)
             reason = f"{type(err).__name__} at the site (its log has the details)"
             self._record(journal, audit.refused(msg, node, reason, error=type(err).__name__))
-            raise SiteError(reason) from None
+            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
         self._record(journal, audit.sent(msg, reply, node, suppressed))
         return reply
 

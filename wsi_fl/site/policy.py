@@ -40,6 +40,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +56,8 @@ from wsi_fl.federation.config import FedConfig, StrategyName
 
 log = logging.getLogger("wsi_fl.site.policy")
 
+#: How a policy names an app release: the sha256 of its Flower App Bundle (:mod:`wsi_fl.site.approval`).
+APP_HASH = re.compile(r"sha256:[0-9a-f]{64}")
 #: The message types a site answers (Flower also allows "<type>.<action>"; the action does not matter here).
 ANSWERED = (MessageType.QUERY, MessageType.TRAIN, MessageType.EVALUATE)
 
@@ -106,6 +110,19 @@ class SitePolicy:
     superlink: tuple[str, ...] = field(default=(), metadata={
         "help": "SuperLink addresses (host:port, as in the node config's superlink) this site may serve; "
                 "empty: any"})
+    approved_apps: tuple[str, ...] = field(default=(), metadata={
+        "help": "app releases this site runs: sha256:<hex> of the Flower App Bundle (wsi-fl app-hash DIR prints "
+                "it from a reviewed source tree). Checked by the site's own task runner (wsi-fl site-runner) "
+                "before any code of a run's bundle could run, on the bundle's content, never its name; empty: "
+                "none, the runner refuses every run. docs/threat-model.md says why"})
+    require_secagg: bool = field(default=False, metadata={
+        "help": "train only under SecAgg+ (secagg = true), so that the server sees only the sum of the sites' "
+                "updates, never this site's own"})
+    lifetime_epsilon: float = field(default=0.0, metadata={
+        "help": "lifetime privacy budget of each dataset under slide-level DP: the site's privacy ledger "
+                "(wsi_fl.site.ledger) adds up the planned epsilon of every run it admitted on a dataset, and a run "
+                "that would take the sum past this is refused before it trains; with a budget, only runs under "
+                "dp = 'slide-dpsgd' train. 0: no limit (the ledger still records every such run)"})
 
     def __post_init__(self) -> None:
         for name in ("min_train_bags", "max_rounds", "min_eval_slides"):
@@ -113,8 +130,14 @@ class SitePolicy:
                 raise ValueError(f"{_key(name)} must be >= 1, not {getattr(self, name)}")
         if self.min_noise_multiplier < 0:
             raise ValueError(f"min-noise-multiplier must be >= 0, not {self.min_noise_multiplier}")
+        if not 0 <= self.lifetime_epsilon < math.inf:
+            raise ValueError(f"lifetime-epsilon must be a finite number >= 0, not {self.lifetime_epsilon}")
         if self.min_noise_multiplier > 0 and not self.require_dp:
             raise ValueError("min-noise-multiplier > 0 needs require-dp = true (it only applies to runs under DP)")
+        bad = [h for h in self.approved_apps if not APP_HASH.fullmatch(h)]
+        if bad:
+            raise ValueError(f"approved-apps: {bad[0]!r} is not sha256:<64 lower-case hex> "
+                             "(wsi-fl app-hash prints one)")
         for name, known in (("allowed_models", _registered_models()), ("allowed_strategies", _registered_strategies())):
             values = getattr(self, name)
             if not values:
@@ -133,7 +156,12 @@ class SitePolicy:
 
     def describe(self) -> str:
         """One line for the site's log."""
-        return "; ".join(f"{_key(f.name)} = {_show(getattr(self, f.name))}" for f in dataclasses.fields(self))
+        shown = {f.name: _show(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        if not self.approved_apps:
+            shown["approved_apps"] = "[] (none: a site-runner refuses every app)"
+        if not self.lifetime_epsilon:
+            shown["lifetime_epsilon"] = "0 (no limit)"
+        return "; ".join(f"{_key(name)} = {value}" for name, value in shown.items())
 
 
 def rehearsal_policy() -> SitePolicy:
@@ -221,6 +249,8 @@ def check_instruction(policy: SitePolicy, message_type: str, config: Mapping[str
     for key in ("num-server-rounds", "server-round"):
         if key in settings and _number(settings[key]) > policy.max_rounds:
             _refuse(f"{key} {settings[key]} exceeds max-rounds {policy.max_rounds}")
+    if policy.require_secagg and not settings["secagg"]:
+        _refuse("the run does not use SecAgg+ (secagg = false) and the policy sets require-secagg")
     if policy.require_dp:
         if settings["dp"] == "none":
             _refuse("the run is not differentially private (dp = 'none') and the policy sets require-dp")
