@@ -1,10 +1,10 @@
-"""Patch features of one slide, streamed batch by batch: tiles are read in workers while the model runs.
+"""Patch features of slides, streamed batch by batch: tiles are read in workers while the model runs.
 
 Design, and why:
 
-* **Streaming.** :func:`extract_features` is a generator of ``(coords, features)``
-  batches in tile order; the caller appends each to HDF5, so memory is bounded by
-  a few batches whatever the slide size.
+* **Streaming.** :func:`extract_features` (one slide) and :func:`extract_slides`
+  (many) are generators of feature batches in tile order; the caller appends each
+  to HDF5, so memory is bounded by a few batches whatever the slide size.
 * **Overlap where it pays.** DataLoader workers read and decode the next batches
   (each opens its own OpenSlide handle: handles must not be shared across
   processes) while the main process runs the model. On a CPU with few cores a
@@ -14,149 +14,50 @@ Design, and why:
   float32's bytes); conversion and normalisation happen on the model's device
   (:meth:`.encoders.Encoder.preprocess`).
 * **Tuned without options.** Threads, workers and batch size come from
-  :mod:`.runtime`; the glibc allocator is tuned in place (a ~2x CPU speed-up, see
-  :mod:`.runtime`). On CUDA, batches are pinned, copied asynchronously, and the
-  next batch is launched before the previous one's features are fetched.
+  :mod:`.runtime`; the glibc allocator is tuned in place (a ~2x CPU speed-up for
+  CNNs, less for GEMM-bound ViTs, see :mod:`.runtime`). The model runs in its
+  card's precision for the device (:attr:`.encoders.Encoder.precision`). On CUDA,
+  batches are pinned, copied asynchronously, and the next batch is launched
+  before the previous one's features are fetched.
 * **Errors propagate.** A worker that fails to read a tile returns the failure as
   data (DataLoader would turn a :class:`SlideError` into a ``RuntimeError``), and
-  the main process raises :class:`SlideError` naming the slide and the tile; the
-  workers are then shut down, never left hanging.
+  the main process reports a :class:`SlideError` naming the slide and the tile
+  (:func:`extract_features` raises it); workers are shut down when the stream
+  ends or stops early, never left hanging.
+* **Many slides, one stream, no idle valley.** :func:`extract_slides` runs a
+  whole batch of slides through *one* loader: its sampler schedules the next
+  slide's tiles as soon as the current slide's last batches are handed out, so
+  the workers decode slide *k+1* while the model finishes slide *k*, and the
+  caller's own per-slide planning (tissue detection, tiling) runs one slide
+  ahead in a background thread (where workers read; inline reading on a few
+  CPU cores plans between forwards instead). Starting one loader per slide leaves the model
+  idle at each boundary: workers start, open the slide, decode the first
+  batches (TRIDENT #80 reports such valleys on GPU). A slide that fails is
+  reported in the stream (:attr:`SlideBatch.error`) and the others go on.
+  :func:`extract_features` is the one-slide case.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
-from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .encoders import Encoder
 from .errors import SlideError
 from .runtime import auto_batch_size, auto_num_workers, configure_threads, pick_device, tune_malloc
-from .slide import Slide, open_slide, slide_id_for
+from .slide import slide_id_for
+from .tilestream import ChunkReader, ReadFailure, Schedule, SlideBatch, SlideJob, TileDataset, job_problem
 
-__all__ = ["ExtractSettings", "TileDataset", "choose_settings", "extract_features"]
-
-
-@dataclass(frozen=True)
-class _Failure:
-    """A read error carried from a worker to the main process as data (picklable)."""
-
-    path: str
-    problem: str
-
-
-class TileDataset(Dataset):
-    """Tiles of one slide as uint8 ``(tile_size, tile_size, 3)`` tensors, with their index.
-
-    Item ``i`` is the ``read_size`` square at level ``read_level`` whose level-0
-    top-left corner is ``coords[i]``, resized to ``tile_size`` with PIL (BOX when
-    shrinking, BILINEAR when enlarging) if the sizes differ. The slide is opened
-    lazily, once per process, so every DataLoader worker has its own handle.
-    :meth:`read_batch` reads with ``read_threads`` threads (OpenSlide is
-    thread-safe and decodes without the GIL), for reading in the main process.
-    """
-
-    def __init__(self, slide_path: str | os.PathLike, coords: np.ndarray, *, read_level: int,
-                 read_size: int, tile_size: int, read_threads: int = 1):
-        self.slide_path = Path(slide_path)
-        self.coords = _check_coords(coords)
-        self.read_level = int(read_level)
-        self.read_size = int(read_size)
-        self.tile_size = int(tile_size)
-        if self.read_size < 1 or self.tile_size < 1:
-            raise ValueError(f"read_size and tile_size must be positive, got {read_size} and {tile_size}")
-        self.read_threads = max(1, int(read_threads))
-        self._slide: Slide | None = None
-        self._pid: int | None = None
-        self._pool: ThreadPoolExecutor | None = None
-
-    def __len__(self) -> int:
-        return len(self.coords)
-
-    def __getstate__(self) -> dict[str, object]:
-        state = self.__dict__.copy()
-        state["_slide"] = state["_pid"] = state["_pool"] = None  # handles and threads stay in their process
-        return state
-
-    def _handle(self) -> Slide:
-        if self._slide is None or self._pid != os.getpid():  # a forked child opens its own
-            self._slide, self._pid, self._pool = open_slide(self.slide_path), os.getpid(), None
-        return self._slide
-
-    def read_tile(self, i: int) -> np.ndarray:
-        """Tile ``i`` as an RGB uint8 array; SlideError names the slide and the tile on failure."""
-        x, y = (int(v) for v in self.coords[i])
-        try:
-            pixels = self._handle().read_region((x, y), self.read_level, (self.read_size, self.read_size))
-        except SlideError as err:
-            raise SlideError(self.slide_path, f"tile at ({x}, {y}), level {self.read_level}: {err.problem}") from err
-        if self.read_size != self.tile_size:
-            method = Image.Resampling.BOX if self.read_size > self.tile_size else Image.Resampling.BILINEAR
-            pixels = np.asarray(Image.fromarray(pixels).resize((self.tile_size, self.tile_size), method))
-        return pixels
-
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor]:
-        return int(i), torch.from_numpy(np.require(self.read_tile(int(i)), requirements=["C", "W"]))
-
-    def read_batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(indices int64 (b,), tiles uint8 (b, t, t, 3))`` filled in place, no per-tile tensors."""
-        tiles = np.empty((len(indices), self.tile_size, self.tile_size, 3), np.uint8)
-
-        def fill(k: int) -> None:
-            tiles[k] = self.read_tile(indices[k])
-
-        self._handle()  # open once, before any thread needs it
-        if self.read_threads == 1 or len(indices) == 1:
-            for k in range(len(indices)):
-                fill(k)
-        else:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.read_threads, thread_name_prefix="tile-reader")
-            for _ in self._pool.map(fill, range(len(indices))):  # re-raises the first SlideError
-                pass
-        return torch.as_tensor(indices, dtype=torch.int64), torch.from_numpy(tiles)
-
-    def close(self) -> None:
-        if self._pid == os.getpid():
-            if self._pool is not None:
-                self._pool.shutdown()
-            if self._slide is not None:
-                self._slide.close()
-        self._slide = self._pid = self._pool = None
-
-
-class _Batches(Dataset):
-    """``dataset[list_of_indices]`` -> one batch, or a :class:`_Failure` instead of raising."""
-
-    def __init__(self, tiles: TileDataset):
-        self.tiles = tiles
-
-    def __len__(self) -> int:
-        return len(self.tiles)
-
-    def __getitem__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor] | _Failure:
-        try:
-            return self.tiles.read_batch(indices)
-        except SlideError as err:
-            return _Failure(str(err.path), err.problem)
-
-
-def _check_coords(coords: np.ndarray) -> np.ndarray:
-    coords = np.asarray(coords)
-    if coords.size == 0:
-        return np.zeros((0, 2), np.int64)
-    if coords.ndim != 2 or coords.shape[1] != 2 or not np.issubdtype(coords.dtype, np.integer):
-        raise ValueError(f"coords must be an integer (n, 2) array, got {coords.dtype} {coords.shape}")
-    return coords.astype(np.int64, copy=False)
+__all__ = ["ExtractSettings", "SlideBatch", "SlideJob", "TileDataset", "choose_settings", "extract_features",
+           "extract_slides"]
 
 
 @dataclass(frozen=True)
@@ -186,6 +87,86 @@ def choose_settings(encoder: Encoder, device: str | torch.device = "auto", batch
     return ExtractSettings(dev, size, workers, configure_threads(workers, dev))
 
 
+def extract_slides(
+    jobs: Iterable[SlideJob],
+    *,
+    encoder: Encoder,
+    batch_size: int | None = None,
+    num_workers: int | None = None,
+    device: str = "auto",
+    progress: bool = True,
+    dtype: np.dtype | type = np.float32,
+    autocast: bool = False,
+    plan_ahead: int | None = None,
+) -> Iterator[SlideBatch]:
+    """Features of many slides through one loader: :class:`SlideBatch` es, job after job, in tile order.
+
+    ``jobs`` is consumed lazily, when the loader needs the next slide's tiles.
+    With ``plan_ahead`` > 0 it is consumed in a background thread, that many
+    jobs early, so a generator that detects tissue and tiles each slide runs
+    while the previous slide is embedded; None: 1 when tiles are read by
+    workers, 0 when read inline (few CPU cores: a thread beside the model's
+    would stall it, see :mod:`.runtime`; planning then runs between forwards).
+    A job that cannot be read yields an error batch and the stream goes on.
+    Settings as in :func:`extract_features`.
+    """
+    previous_threads = torch.get_num_threads()
+    settings = choose_settings(encoder, device, batch_size, num_workers)
+    dev, cuda = settings.device, settings.device.type == "cuda"
+    # Read in the main process between forwards: with all the model's cores, while they are free.
+    reader = ChunkReader(read_threads=settings.threads if settings.num_workers == 0 and not cuda else 1)
+    ahead = (1 if settings.num_workers else 0) if plan_ahead is None else max(0, int(plan_ahead))
+    schedule = Schedule(jobs, settings.batch_size, ahead)
+    loader = DataLoader(reader, batch_size=None, sampler=schedule, num_workers=settings.num_workers,  # type: ignore[arg-type]
+                        pin_memory=cuda, prefetch_factor=2 if settings.num_workers else None)
+    amp = _autocast(autocast and cuda and getattr(encoder, "precision", "fp32") == "fp32")  # half cards run half
+    bar = tqdm(total=0, unit="tile", leave=False, disable=not progress)
+    batches = iter(loader)
+    failed: set[int] = set()
+    pending: tuple[SlideJob, np.ndarray, bool, torch.Tensor, torch.cuda.Event | None] | None = None
+    offsets: dict[int, int] = {}  # job -> its tiles already handed to the model
+    try:
+        for item in batches:
+            if isinstance(item, ReadFailure) or len(item[2]) == 0:
+                if pending is not None:
+                    yield _finish(pending, dtype)
+                    pending = None
+                n = item.job if isinstance(item, ReadFailure) else item[0]
+                if n not in failed:
+                    job, error = schedule.jobs.pop(n), None
+                    if isinstance(item, ReadFailure):
+                        failed.add(n)
+                        error = SlideError(item.path, item.problem)
+                    yield SlideBatch(job, job.coords[:0], np.zeros((0, encoder.dim), dtype), True, error)
+                continue
+            n, last, tiles = item
+            if n in failed:
+                continue
+            job, start = (schedule.jobs.pop(n), offsets.pop(n, 0)) if last else (schedule.jobs[n], offsets.get(n, 0))
+            if start == 0:
+                bar.reset(total=len(job.coords))
+                bar.set_description(slide_id_for(job.path))
+            with torch.inference_mode(), amp:  # not held across ``yield``: the caller's mode is its own
+                feats = encoder.model(encoder.preprocess(tiles.to(dev, non_blocking=cuda)))
+                fetch = _start_fetch(feats, cuda)
+            if pending is not None:
+                yield _finish(pending, dtype)
+            pending = (job, job.coords[start:start + len(tiles)], last, *fetch)
+            if not last:
+                offsets[n] = start + len(tiles)
+            bar.update(len(tiles))
+        if pending is not None:
+            yield _finish(pending, dtype)
+    finally:
+        schedule.close()
+        bar.close()
+        # Workers go now, also on an early stop or an error (whose traceback may still hold the iterator).
+        getattr(batches, "_shutdown_workers", lambda: None)()
+        del batches
+        reader.close()
+        torch.set_num_threads(previous_threads)
+
+
 def extract_features(
     slide_path: str | os.PathLike,
     coords: np.ndarray,
@@ -204,57 +185,26 @@ def extract_features(
     """Yield ``(coords (b, 2) int64, features (b, dim) dtype)`` for consecutive batches, in tile order.
 
     ``batch_size``/``num_workers`` None and ``device="auto"`` are chosen by
-    :func:`choose_settings`. ``autocast`` (CUDA only; bf16 where supported, else
-    fp16) is off by default: features should not depend on the hospital's hardware.
-    The encoder is moved to the chosen device; torch's thread count is set for
-    the run and restored after. Raises :class:`SlideError` for an unreadable
-    slide or tile.
+    :func:`choose_settings`. The encoder runs in its own precision on the device
+    (:attr:`.encoders.Encoder.precision`, from its card); ``autocast`` (CUDA
+    only; bf16 where supported, else fp16) additionally runs an fp32 encoder in
+    half precision, off by default: features should not depend on the
+    hospital's hardware. The encoder is moved to the chosen device; torch's
+    thread count is set for the run and restored after. Raises
+    :class:`SlideError` for an unreadable slide or tile.
     """
-    slide_path = Path(slide_path)
-    coords = _check_coords(coords)
-    if len(coords) == 0:
+    job = SlideJob(Path(slide_path), coords, read_level, read_size, tile_size)
+    if len(job.coords) == 0:
         return
-    with open_slide(slide_path) as slide:  # fail fast, in this process, before workers start
-        if not 0 <= int(read_level) < slide.level_count:
-            raise SlideError(slide_path, f"read level {read_level} does not exist ({slide.level_count} levels)")
-    previous_threads = torch.get_num_threads()
-    settings = choose_settings(encoder, device, batch_size, num_workers)
-    # Read in the main process between forwards: with all the model's cores, while they are free.
-    inline_threads = settings.threads if settings.num_workers == 0 and settings.device.type == "cpu" else 1
-    dataset = TileDataset(slide_path, coords, read_level=read_level, read_size=read_size, tile_size=tile_size,
-                          read_threads=inline_threads)
-    dev, cuda = settings.device, settings.device.type == "cuda"
-    loader = DataLoader(
-        _Batches(dataset),
-        batch_size=None,  # the sampler yields whole batches of indices
-        sampler=BatchSampler(SequentialSampler(range(len(coords))), settings.batch_size, drop_last=False),
-        num_workers=settings.num_workers,
-        pin_memory=cuda,
-        prefetch_factor=2 if settings.num_workers else None,
-    )
-    amp = _autocast(autocast and cuda)
-    batches = iter(loader)
-    bar = tqdm(total=len(coords), desc=slide_id_for(slide_path), unit="tile", leave=False, disable=not progress)
-    pending: tuple[np.ndarray, torch.Tensor, torch.cuda.Event | None] | None = None
-    try:
-        for item in batches:
-            if isinstance(item, _Failure):
-                raise SlideError(item.path, item.problem)
-            index, tiles = item
-            with torch.inference_mode(), amp:  # not held across ``yield``: the caller's mode is its own
-                feats = encoder.model(encoder.preprocess(tiles.to(dev, non_blocking=cuda)))
-                result = _start_fetch(feats, cuda)
-            if pending is not None:
-                yield _finish(pending, coords, dtype)
-            pending = (index.numpy(), *result)
-            bar.update(len(index))
-        if pending is not None:
-            yield _finish(pending, coords, dtype)
-    finally:
-        bar.close()
-        del batches  # shuts the workers down now, also when we stop early on an error
-        dataset.close()
-        torch.set_num_threads(previous_threads)
+    problem = job_problem(job)  # fail fast, in this process, before workers start
+    if problem is not None:
+        raise SlideError(job.path, problem)
+    for batch in extract_slides([job], encoder=encoder, batch_size=batch_size, num_workers=num_workers,
+                                device=device, progress=progress, dtype=dtype, autocast=autocast, plan_ahead=0):
+        if batch.error is not None:
+            raise batch.error
+        if len(batch.coords):
+            yield batch.coords, batch.features
 
 
 def _autocast(enabled: bool) -> contextlib.AbstractContextManager:
@@ -274,10 +224,9 @@ def _start_fetch(feats: torch.Tensor, cuda: bool) -> tuple[torch.Tensor, torch.c
     return host, event
 
 
-def _finish(pending: tuple[np.ndarray, torch.Tensor, torch.cuda.Event | None], coords: np.ndarray,
-            dtype: np.dtype | type) -> tuple[np.ndarray, np.ndarray]:
-    index, host, event = pending
+def _finish(pending: tuple[SlideJob, np.ndarray, bool, torch.Tensor, torch.cuda.Event | None],
+            dtype: np.dtype | type) -> SlideBatch:
+    job, coords, last, host, event = pending
     if event is not None:
         event.synchronize()
-    feats = host.float().numpy().astype(dtype, copy=False)
-    return coords[index], feats
+    return SlideBatch(job, coords, host.float().numpy().astype(dtype, copy=False), last)

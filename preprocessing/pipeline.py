@@ -6,6 +6,9 @@ its own module; this module only sequences them and implements batch policy:
 
 * a bad slide is recorded as ``failed`` with a one-line reason and the batch
   goes on; the caller's exit code says whether anything failed;
+* a slide with no tile (no tissue, or smaller than a tile) is ``empty``, with
+  the reason: its feature file exists but holds nothing to learn from, so
+  training, labels templates and evaluation leave it out;
 * a re-run skips a slide whose output is complete and was made with the same
   parameters from the same file, and redoes partial or stale ones;
 * ``shard=(i, n)`` takes every n-th slide of the sorted list, so job-array
@@ -19,6 +22,7 @@ its own module; this module only sequences them and implements batch policy:
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import threading
@@ -39,6 +43,8 @@ from .errors import InputError, SlideError
 from .extract import extract_features
 from .h5format import FeatureFileError, FeatureWriter, check_feature_file, remove_stale_partials, stale_reason
 from .qc import render_qc, save_qc
+from .runtime import pick_device
+from .shards import parse_shard  # noqa: F401  (where callers have always imported it)
 from .slide import content_fingerprint, open_slide, slide_id_for
 from .tiling import TilingParams, tile_coordinates
 from .tissue import TissueParams, compute_tissue_mask
@@ -49,7 +55,9 @@ SLIDE_SUFFIXES = frozenset(
 )
 MANIFEST_FIELDS = ("slide_id", "status", "n_tiles", "seconds", "error", "source")
 
-Status = Literal["ok", "skipped", "failed"]
+Status = Literal["ok", "skipped", "empty", "failed"]
+#: Statuses of slides whose feature file has tiles: what training and ``wsi-fl labels init`` use.
+USABLE = ("ok", "skipped")
 
 
 @dataclass(frozen=True)
@@ -60,7 +68,8 @@ class PreprocessConfig:
     tiling: TilingParams = field(default_factory=TilingParams)
     tissue: TissueParams = field(default_factory=TissueParams)
     encoder: str = "resnet50_trunc"
-    weights: Path | None = None
+    weights: Path | None = None  # a weight file or folder (snapshot, hub cache)
+    weights_dir: Path | None = None  # the site's weights catalogue (None: $WSI_FL_WEIGHTS_DIR)
     random_init: bool = False
     feature_dtype: Literal["float32", "float16"] = "float32"
     batch_size: int | None = None  # None: chosen by the tool for the encoder and device
@@ -119,41 +128,27 @@ def discover_slides(paths: Iterable[str | os.PathLike]) -> list[Path]:
     """Files as given; directories searched recursively for :data:`SLIDE_SUFFIXES`.
 
     A DICOM slide is a directory of ``.dcm`` files that OpenSlide opens from any
-    one of them, so a directory contributes only its first ``.dcm`` file.
+    one of them (and is named after it: :func:`~.slide.slide_id_for`), so a
+    directory contributes only its first ``.dcm`` file, whether found or given.
     """
     found: list[Path] = []
+    dicom_dirs: set[Path] = set()
+
+    def add(f: Path) -> None:
+        if f.suffix.lower() == ".dcm":
+            if f.absolute().parent in dicom_dirs:
+                return
+            dicom_dirs.add(f.absolute().parent)
+        found.append(f)
+
     for p in map(Path, paths):
         if not p.is_dir():
-            found.append(p)
+            add(p)
             continue
-        dicom_dirs: set[Path] = set()
         for f in sorted(p.rglob("*")):
-            if not f.is_file() or f.suffix.lower() not in SLIDE_SUFFIXES or f.name.startswith("."):
-                continue
-            if f.suffix.lower() == ".dcm":
-                if f.parent in dicom_dirs:
-                    continue
-                dicom_dirs.add(f.parent)
-            found.append(f)
+            if f.is_file() and f.suffix.lower() in SLIDE_SUFFIXES and not f.name.startswith("."):
+                add(f)
     return found
-
-
-def parse_shard(text: str, environ: Mapping[str, str] = os.environ) -> tuple[int, int]:
-    """``"i/n"`` (0-based) -> (i, n); ``"auto"`` reads SLURM or Kubernetes indexed-Job variables."""
-    if text == "auto":
-        if "SLURM_ARRAY_TASK_ID" in environ:
-            first = int(environ.get("SLURM_ARRAY_TASK_MIN", "0"))
-            return int(environ["SLURM_ARRAY_TASK_ID"]) - first, int(environ["SLURM_ARRAY_TASK_COUNT"])
-        if "JOB_COMPLETION_INDEX" in environ:  # Kubernetes indexed Job; count passed by the Job spec
-            return int(environ["JOB_COMPLETION_INDEX"]), int(environ["WSI_FL_SHARD_COUNT"])
-        raise InputError("--shard auto: no SLURM_ARRAY_TASK_ID or JOB_COMPLETION_INDEX in the environment")
-    try:
-        i, n = (int(v) for v in text.split("/"))
-    except ValueError as err:
-        raise InputError(f"--shard must look like i/n (e.g. 0/4), not {text!r}") from err
-    if not (n >= 1 and 0 <= i < n):
-        raise InputError(f"--shard {text}: need 0 <= i < n")
-    return i, n
 
 
 def plan_tasks(slides: Sequence[Path], shard: tuple[int, int] | None = None) -> list[SlideTask]:
@@ -264,6 +259,10 @@ def expected_attrs(slide_path: Path, slide_id: str, mpp: float, mpp_source: str,
         "tissue_params": asdict(cfg.tissue),
         "encoder": encoder.name,
         "weights": encoder.weights,
+        # what ran, for the record (not in the provenance check: fp16 on a GPU and fp32 on a CPU are one
+        # feature space, and the transform follows from the encoder and the tile size, which are checked)
+        "precision": encoder.precision_on(pick_device(cfg.device)),
+        "transform": json.dumps(encoder.transform, sort_keys=True),
         "feature_dtype": cfg.feature_dtype,
         "package_version": __version__,
     }
@@ -281,8 +280,12 @@ def preprocess_slide(task: SlideTask, cfg: PreprocessConfig, encoder: Encoder) -
         qc_file = qc_path(cfg.out_dir, task.slide_id)
         reusable = not cfg.overwrite and out.exists() and (qc_file.exists() or not cfg.qc)
         if reusable and stale_reason(out, attrs) is None:
-            n = check_feature_file(out).n_tiles
-            return SlideResult(task.slide_id, "skipped", n, time.perf_counter() - start, "", str(task.path))
+            info = check_feature_file(out)
+            if info.n_tiles == 0:  # done before, and still nothing to learn from: say so again
+                note = _no_tiles_reason(slide.info.dimensions, float(info.attrs.get("tile_size_level0", 0)))
+                return SlideResult(task.slide_id, "empty", 0, time.perf_counter() - start, note, str(task.path))
+            return SlideResult(task.slide_id, "skipped", info.n_tiles, time.perf_counter() - start, "",
+                               str(task.path))
         mask = compute_tissue_mask(slide, cfg.tissue)
         grid = tile_coordinates(slide, mask, cfg.tiling)
     if cfg.qc:
@@ -302,8 +305,10 @@ def preprocess_slide(task: SlideTask, cfg: PreprocessConfig, encoder: Encoder) -
             writer.append(coords, feats)
             _check_stop()
         writer.commit()
-    note = "" if len(grid.coords) else _no_tiles_reason(slide.info.dimensions, grid.tile_size_level0)
-    return SlideResult(task.slide_id, "ok", len(grid.coords), time.perf_counter() - start, note, str(task.path))
+    if not len(grid.coords):
+        note = _no_tiles_reason(slide.info.dimensions, grid.tile_size_level0)
+        return SlideResult(task.slide_id, "empty", 0, time.perf_counter() - start, note, str(task.path))
+    return SlideResult(task.slide_id, "ok", len(grid.coords), time.perf_counter() - start, "", str(task.path))
 
 
 def _no_tiles_reason(dims: tuple[int, int], tile_level0: float) -> str:
@@ -324,7 +329,8 @@ def run_preprocess(
     """
     tasks = plan_tasks(slides, shard)
     if encoder is None:
-        encoder = create_encoder(cfg.encoder, weights=cfg.weights, random_init=cfg.random_init)
+        encoder = create_encoder(cfg.encoder, weights=cfg.weights, random_init=cfg.random_init,
+                                 weights_dir=cfg.weights_dir)
     manifest = manifest_path(cfg.out_dir, shard)
     results: list[SlideResult] = []
     bar = tqdm(tasks, desc="slides", unit="slide", disable=not cfg.progress)

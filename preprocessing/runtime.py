@@ -65,16 +65,42 @@ where the GIL-bound part of reading would no longer keep pace, one worker per
 16 cores reads on a core of its own (a rule from the figures above, not yet
 measured on such a machine). On CUDA the model outruns any reader: all cores
 but one read, and the main process only feeds the GPU.
+
+Vision transformers on CPU
+--------------------------
+A ViT forward is GEMM-bound: profiled (ViT-S/16, batch 32) 75 % ``addmm``
+(MKL sgemm), 12 % SDPA, 13 % copies/GELU/adds/LayerNorm. At 15 tiles/s ViT-S
+runs at ~140 GFLOP/s, what MKL's sgemm reaches on these shapes with 2 threads
+here (116-160; oneDNN's 113-137): the compute has little left to give, and the
+tool keeps fp32, MKL, timm's fused SDPA and batch 32. Measured (2 shared Zen 3
+cores, AVX2, no bf16; tiles/s, medians of interleaved runs in one process)::
+
+    ViT-S/16 batch 32, tuned malloc                       13.7  (1.00)
+    ... default glibc thresholds (sys 1.7 s / 64 tiles)   11.1  (0.82)
+    ... torch.compile (inductor), alone / with freezing   15.2 vs 15.3 / 12.5 vs 13.7
+    attention, 32x6x197x64: SDPA flash 81 ms, math 200 ms, matmul+softmax 122 ms
+    batch 8 / 32 / 64 (quiet machine): flat within noise; with other jobs
+    running, small batches lose most (4: 1.4, 64: 4.2), so 32 stays.
+
+So no ``torch.compile`` (42-56 s cold compile, nothing gained), and the tool's
+forward is only the allocator ahead of a naive ``model(batch)`` loop in a fresh
+process (whose glibc raises its mmap threshold to 32 MiB after the first
+frees, so only the MLP activations keep being mapped): ``scripts/bench_encoders.py``
+measured 0.98-1.09x for ViT-S and ViT-B on a quiet machine (1.1-1.4x while other
+jobs ran: the naive loop's page faults suffer most). Extraction ÷ forward was
+0.92-1.01 (run-to-run spread ±10 % here); reading inline (~430-650 tiles/s)
+bounds it at 0.986 for ViT-S, higher for larger models. ViT-L/16: ~1.1 tiles/s.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -94,6 +120,7 @@ __all__ = [
     "merge_tunables",
     "pick_device",
     "tune_malloc",
+    "use_threads",
 ]
 
 TUNABLES_ENV = "GLIBC_TUNABLES"
@@ -216,8 +243,8 @@ def _cgroup_cpu_limit() -> float | None:
     return None
 
 
-def available_cores() -> int:
-    """Cores this process may use: its CPU affinity, capped by a cgroup CPU quota."""
+def _visible_cores() -> int:
+    """Cores the kernel lets this process use: its CPU affinity, capped by a cgroup CPU quota."""
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -226,6 +253,45 @@ def available_cores() -> int:
     if limit is not None:
         cores = min(cores, math.ceil(limit))
     return max(cores, 1)
+
+
+_threads_override: int | None = None  # --threads, for the duration of use_threads()
+
+
+def available_cores(environ: Mapping[str, str] = os.environ) -> int:
+    """CPUs this process should use: ``--threads`` (:func:`use_threads`), else SLURM's ``SLURM_CPUS_PER_TASK``
+    (capped by what the kernel allows), else its CPU affinity capped by a cgroup CPU quota.
+
+    SLURM without its task/affinity or task/cgroup plugin lets a task see every CPU of the node; the
+    allocation is then only in ``SLURM_CPUS_PER_TASK``, and tasks sharing a node would oversubscribe it.
+    """
+    if _threads_override is not None:
+        return _threads_override
+    visible = _visible_cores()
+    slurm = environ.get("SLURM_CPUS_PER_TASK", "").strip()
+    if slurm.isdigit() and int(slurm) >= 1:
+        return min(int(slurm), visible)
+    return visible
+
+
+@contextlib.contextmanager
+def use_threads(threads: int | None) -> Iterator[int]:
+    """Within the block, size everything to ``threads`` CPUs (``--threads``; None: :func:`available_cores`):
+    the tool's own sizing (:func:`available_cores`) and torch's intra-op threads; both restored afterwards."""
+    import torch
+
+    global _threads_override
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads must be >= 1, not {threads}")
+    previous, previous_torch = _threads_override, torch.get_num_threads()
+    _threads_override = threads
+    try:
+        n = available_cores()
+        torch.set_num_threads(n)
+        yield n
+    finally:
+        _threads_override = previous
+        torch.set_num_threads(previous_torch)
 
 
 #: Below this many cores, CPU extraction reads tiles inline (see the module docstring).
