@@ -241,8 +241,9 @@ def test_tls_federation_refuses_an_unregistered_supernode(tmp_path):
     assert [r["round"] for r in rows] == [1]
     assert rows[0]["aggregated"] == 3 and rows[0]["eval-replies"] == 3, rows[0]
     # Every process was stopped (and reaped), and nothing they started is left running.
-    assert set(result["pids"]) == {"superlink", "supernode-site_1", "supernode-site_2", "supernode-site_3",
-                                   "unregistered-site_3"}
+    # (each registered site's task runner too: the SuperNodes run with --isolation process)
+    assert set(result["pids"]) == {"superlink", "unregistered-site_3",
+                                   *(f"{kind}-site_{k}" for kind in ("supernode", "runner") for k in (1, 2, 3))}
     for pid in result["pids"].values():
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
