@@ -135,7 +135,9 @@ def test_runbook_container_preprocessing_block(images, slide_file, tmp_path):
     assert run.code == 1, run.out  # the broken slides failed, the batch went on
     rows = manifest(out)
     assert rows[Path(SLIDE).stem]["status"] == "ok" and int(rows[Path(SLIDE).stem]["n_tiles"]) > 0, rows
-    assert {r["status"] for r in rows.values()} == {"ok", "failed"}
+    # every slide has its status: the broken ones failed, and a slide with no tissue is empty, not ok
+    assert {r["status"] for r in rows.values()} == {"ok", "failed", "empty"}, rows
+    assert all(r["error"] for r in rows.values() if r["status"] == "empty"), rows  # with its reason
     info = check_feature_file(out / "features" / f"{Path(SLIDE).stem}.h5")
     assert info.attrs["weights"].startswith("sha256:") and info.attrs["encoder"] == "resnet18_trunc"
 

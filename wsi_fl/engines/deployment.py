@@ -208,7 +208,10 @@ def rehearse(cohort: str | Path, out: str | Path, rounds: int, *, seed: int = 0,
     logs.mkdir(parents=True, exist_ok=True)
     (work / "run-config.toml").write_text(tomli_w.dumps(config))
     link_port = free_port()
-    policy_file = approve_apps(site_policy(policy, f"{HOST}:{link_port}", work), (), work)
+    # Containers see the policy file through a bind mount of that file, which an atomic replace later would not
+    # reach (the mount keeps the old inode): there, the sites approve before they start.
+    early = approved_hashes(approve) if site_image or server_image else ()
+    policy_file = approve_apps(site_policy(policy, f"{HOST}:{link_port}", work), early, work)
     audit_logs = {s.name: str(work / "sites" / s.name / "audit.jsonl") for s in sites}
     node_configs = {s.name: node_config(s.features_dir, s.labels, s.name, superlink=f"{HOST}:{link_port}",
                                         policy=str(policy_file), audit_log=audit_logs[s.name]) for s in sites}
