@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from preprocessing.encoders import Encoder, create_encoder
+from preprocessing.encoders import Encoder
 from preprocessing.errors import SlideError
 from preprocessing.extract import TileDataset, choose_settings, extract_features
 from preprocessing.runtime import (
@@ -31,16 +31,9 @@ from preprocessing.slide import open_slide
 TILE = 64
 
 
-@pytest.fixture(scope="module")
-def encoder() -> Encoder:
-    return create_encoder("resnet18_trunc", random_init=True)
-
-
 @pytest.fixture(autouse=True)
-def _keep_threads():
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
+def _keep_threads(keep_threads):
+    """Every test here restores torch's thread count (tests/preprocessing/conftest.py)."""
 
 
 def _grid(n: int, step: int = 200) -> np.ndarray:

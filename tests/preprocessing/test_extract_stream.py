@@ -15,24 +15,16 @@ import threading
 
 import numpy as np
 import pytest
-import torch
 
-from preprocessing.encoders import Encoder, create_encoder
+from preprocessing.encoders import Encoder
 from preprocessing.extract import SlideJob, extract_features, extract_slides
 
 TILE = 64
 
 
-@pytest.fixture(scope="module")
-def encoder() -> Encoder:
-    return create_encoder("resnet18_trunc", random_init=True)
-
-
 @pytest.fixture(autouse=True)
-def _keep_threads():
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
+def _keep_threads(keep_threads):
+    """Every test here restores torch's thread count (tests/preprocessing/conftest.py)."""
 
 
 def _grid(n: int, offset: int = 0) -> np.ndarray:
