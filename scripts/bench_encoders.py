@@ -39,19 +39,22 @@ def default_slide() -> Path:
     return data / "slides" / "cmu-1-small-region.svs"
 
 
-def run_part(part: str, card: str, n: int, slide: Path) -> dict:
+def run_part(part: str, card: str, n: int, slide: Path, precision: str | None = None) -> dict:
     """``naive`` or ``tool`` in a fresh process; ``naive`` in a default environment (no allocator tuning)."""
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "WSI_FL_NO_REEXEC")}
     if part == "naive":
         env["WSI_FL_NO_REEXEC"] = "1"
     cmd = [sys.executable, __file__, "--part", part, "--cards", card, "--tiles", str(n), "--slide", str(slide)]
+    if precision and part == "tool":
+        cmd += ["--cpu-precision", precision]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"{part} {card} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def cpu_main(cards: list[str], parts: list[str], n: int, repeat: int, slide: Path) -> None:
+def cpu_main(cards: list[str], parts: list[str], n: int, repeat: int, slide: Path,
+             precision: str | None = None) -> None:
     from wsi_fl.benchmarks.encoders import summarise_cpu
 
     print(f"slide {slide.name}; {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f} at start", flush=True)
@@ -61,7 +64,7 @@ def cpu_main(cards: list[str], parts: list[str], n: int, repeat: int, slide: Pat
             if "naive" in parts:
                 runs["naive"].append(run_part("naive", card, n, slide))
             if "forward" in parts or "extract" in parts:
-                tool = run_part("tool", card, n, slide)
+                tool = run_part("tool", card, n, slide, precision)
                 for part in ("forward", "extract"):
                     if part in parts:
                         runs[part].append(tool[part])
@@ -70,9 +73,10 @@ def cpu_main(cards: list[str], parts: list[str], n: int, repeat: int, slide: Pat
         ratios = "  ".join(f"{k} {v:.2f}" for k, v in med.items() if "/" in k and not k.startswith("quiet"))
         tool = runs.get("forward", runs.get("extract", [{}]))[0]
         print(f"{card:<14} {n} tiles, median of {repeat}: tiles/s {rates} | {ratios}"
-              f" | tool: batch {tool.get('batch')}, {tool.get('threads')} threads, {tool.get('workers')} workers,"
+              f" | tool: {tool.get('precision')}, batch {tool.get('batch')}, {tool.get('threads')} threads,"
+              f" {tool.get('workers')} workers,"
               f" fast malloc {tool.get('malloc')}", flush=True)
-        if "read_tiles_per_s" in tool and "forward" in med:
+        if "read_tiles_per_s" in tool and "forward" in med and "extract" in runs:
             read = tool["read_tiles_per_s"]
             print(f"    reading alone {read:.0f} tiles/s: serial reading bounds extract/forward at"
                   f" {1 / (1 + med['forward'] / read):.3f}; during extraction the model computed"
@@ -144,6 +148,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, help="--gpu: tiles per forward (default: the tool's choice)")
     p.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "wsi-fl-bench-encoders")
     p.add_argument("--smoke", action="store_true", help="tiny CPU run of both paths (a test, not a measurement)")
+    p.add_argument("--cpu-precision", choices=("fp32", "bf16"), help="CPU tool parts in this precision instead of"
+                   " the card's (bf16: for CPUs with AVX512-BF16/AMX; naive stays fp32)")
     p.add_argument("--part", choices=("naive", "tool"), help=argparse.SUPPRESS)
     args = p.parse_args()
 
@@ -151,7 +157,7 @@ def main() -> None:
     if args.part:  # a child process: measure one thing, print one JSON line
         from wsi_fl.benchmarks.encoders import cpu_part
 
-        print(json.dumps(cpu_part(args.part, args.cards[0], args.tiles, slide)))
+        print(json.dumps(cpu_part(args.part, args.cards[0], args.tiles, slide, precision=args.cpu_precision)))
         return
     if args.smoke:
         cpu_main(args.cards or ["resnet18_trunc"], list(PARTS), 4, 1, slide)
@@ -165,7 +171,7 @@ def main() -> None:
         stream_main(args.cards or list(GPU_CARDS), args.slides, args.slide_size, "cuda", args.cache, args.workers,
                     args.batch)
         return
-    cpu_main(args.cards or list(CPU_CARDS), args.parts, args.tiles, args.repeat, slide)
+    cpu_main(args.cards or list(CPU_CARDS), args.parts, args.tiles, args.repeat, slide, args.cpu_precision)
 
 
 if __name__ == "__main__":

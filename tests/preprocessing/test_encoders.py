@@ -247,3 +247,21 @@ def test_encoder_runs_in_its_cards_precision_on_the_device():
     half = enc(_tiles(2, size=224))
     assert half.dtype == torch.bfloat16
     torch.testing.assert_close(half.float(), full, rtol=0.1, atol=0.1)
+
+
+def test_precision_override_runs_bf16_on_cpu_and_is_refused_where_it_cannot_apply(tmp_path: Path):
+    """``precision="bf16"`` is the CPU speed option (AVX512-BF16/AMX): the model runs in it, the features stay
+    close to fp32's, and what ran is what the encoder reports (and the feature files record)."""
+    fp32 = create_encoder("resnet18_trunc", random_init=True)
+    bf16 = create_encoder("resnet18_trunc", random_init=True, precision="bf16")
+    assert (fp32.precision, bf16.precision) == ("fp32", "bf16")
+    assert next(bf16.model.parameters()).dtype == torch.bfloat16
+    tiles = _tiles(4, size=224)
+    a, b = fp32(tiles), bf16(tiles).float()
+    assert torch.nn.functional.cosine_similarity(a, b).min() > 0.99
+    with pytest.raises(EncoderError, match="unknown precision 'int8'"):
+        create_encoder("resnet18_trunc", random_init=True, precision="int8")
+    scripted = tmp_path / "m.pt"
+    torch.jit.script(nn.Flatten()).save(str(scripted))
+    with pytest.raises(EncoderError, match="runs in the precision it was saved in"):
+        create_encoder(scripted, precision="bf16")

@@ -103,10 +103,11 @@ def _timed(step: Callable[[int], object], n: int, batch: int) -> dict:
     return {"tiles_per_s": rate, "others": others.share}
 
 
-def cpu_part(part: str, card_name: str, n: int, slide: Path, rounds: int = 2) -> dict:
+def cpu_part(part: str, card_name: str, n: int, slide: Path, rounds: int = 2, precision: str | None = None) -> dict:
     """One CPU measurement in this process: ``naive`` -> tiles/s and settings; ``tool`` -> ``{"forward": ...,
     "extract": ...}``, alternated ``rounds`` times in this one process (medians), so their ratio is free of
-    the process-to-process spread (clock boost, memory placement: ±10 % here even on a quiet machine)."""
+    the process-to-process spread (clock boost, memory placement: ±10 % here even on a quiet machine).
+    ``precision`` runs the tool in another precision than the card's CPU default (``bf16``); naive is fp32."""
     from preprocessing.cards import get_card
 
     card = get_card(card_name)
@@ -128,9 +129,10 @@ def cpu_part(part: str, card_name: str, n: int, slide: Path, rounds: int = 2) ->
     from preprocessing.runtime import ensure_fast_allocator, fast_allocator_active
 
     ensure_fast_allocator()
-    enc = create_encoder(card_name, random_init=True)
+    enc = create_encoder(card_name, random_init=True, precision=precision)
     s = choose_settings(enc, "cpu")
-    info = {"batch": s.batch_size, "threads": s.threads, "workers": s.num_workers, "malloc": fast_allocator_active()}
+    info = {"precision": enc.precision, "batch": s.batch_size, "threads": s.threads, "workers": s.num_workers,
+            "malloc": fast_allocator_active()}
     coords = slide_coords(slide, card.tile_size, n)
     reader = TileDataset(slide, coords, read_level=0, read_size=card.tile_size, tile_size=card.tile_size,
                          read_threads=s.threads)  # as extraction reads inline
