@@ -28,8 +28,14 @@ from models.registry import create_model
 from preprocessing.h5format import attr_equal
 from wsi_fl.errors import ConfigError
 
-#: Feature-file attributes that define the feature space a model was trained on.
-PROVENANCE_KEYS = ("encoder", "weights", "feature_dim", "target_mpp", "tile_size", "schema_version")
+#: Feature-file attributes that define the feature space a model was trained on. ``stain`` is the
+#: stain normalisation/augmentation identity (method, reference digest, jitter): tiles normalised
+#: differently give different features, so sites that did so cannot be pooled.
+PROVENANCE_KEYS = ("encoder", "weights", "feature_dim", "target_mpp", "tile_size", "schema_version", "stain")
+
+#: What a key missing from older feature files or checkpoints means (files written before stain
+#: normalisation existed were not normalised).
+PROVENANCE_DEFAULTS = {"stain": "none"}
 
 FORMAT = "wsi-fl-mil-checkpoint"
 FORMAT_VERSION = 1
@@ -50,6 +56,12 @@ class Checkpoint:
     classes: list[str]  # class index -> original label value, as a string
     provenance: dict[str, Any]  # subset of PROVENANCE_KEYS, from the training feature files
     meta: dict[str, Any]  # free-form training info (epochs, seed, metrics, package version, created)
+
+
+def provenance_value(attrs: Mapping[str, Any], key: str) -> Any:
+    """``attrs[key]``, or what its absence means (:data:`PROVENANCE_DEFAULTS`; None for other keys)."""
+    value = attrs.get(key)
+    return PROVENANCE_DEFAULTS.get(key) if value is None else value
 
 
 def provenance_from_attrs(attrs: Mapping[str, Any]) -> dict[str, Any]:
@@ -143,17 +155,18 @@ def check_provenance(expected: Mapping[str, Any], found: Mapping[str, Any], sour
     ``expected`` is the checkpoint's provenance (or, across sites, the first
     site's: ``expected_from`` names it), ``found`` a feature file's
     attributes. Keys absent from ``expected`` are not checked (an older
-    checkpoint may record fewer); a key in ``expected`` but missing from
-    ``found`` is a mismatch. Floats (``target_mpp``) compare with a relative
+    checkpoint may record fewer; but see below); a key in ``expected`` but missing from
+    ``found`` is a mismatch, except for a key of :data:`PROVENANCE_DEFAULTS` (``stain``), whose
+    absence (or None) on either side means its default. Floats (``target_mpp``) compare with a relative
     tolerance, since they pass through HDF5 and JSON.
     """
     mismatches = []
-    for key, want in expected.items():
-        want = _plain(want, key)
-        if key not in found:
+    for key in [*expected, *(k for k in PROVENANCE_DEFAULTS if k not in expected)]:
+        want = _plain(provenance_value(expected, key), key)
+        if key not in found and key not in PROVENANCE_DEFAULTS:
             mismatches.append(f"{key}: {expected_from} {want!r} vs features (missing)")
             continue
-        have = _plain(found[key], key)
+        have = _plain(provenance_value(found, key), key)
         if not attr_equal(want, have):
             mismatches.append(f"{key}: {expected_from} {want!r} vs features {have!r}")
     if mismatches:
@@ -161,6 +174,9 @@ def check_provenance(expected: Mapping[str, Any], found: Mapping[str, Any], sour
         hint = ("; features must come from the same weight file (its sha256) everywhere: install the same"
                 " release at every site (`wsi-fl encoders` shows where it is)"
                 if any(m.startswith("weights:") for m in mismatches) else "")
+        if any(m.startswith("stain:") for m in mismatches):
+            hint += ("; every site must preprocess with the same `wsi-fl preprocess --stain/--stain-reference/"
+                     "--hed-jitter` settings (the feature files' stain attribute)")
         raise ProvenanceError(f"{source}: features do not match {space} feature space: {'; '.join(mismatches)}{hint}")
 
 

@@ -54,9 +54,9 @@ from .encoders import Encoder
 from .errors import SlideError
 from .runtime import auto_batch_size, auto_num_workers, configure_threads, pick_device, tune_malloc
 from .slide import slide_id_for
-from .tilestream import ChunkReader, ReadFailure, Schedule, SlideBatch, SlideJob, TileDataset, job_problem
+from .tilestream import ChunkQC, ChunkReader, ReadFailure, Schedule, SlideBatch, SlideJob, TileDataset, job_problem
 
-__all__ = ["ExtractSettings", "SlideBatch", "SlideJob", "TileDataset", "choose_settings", "extract_features",
+__all__ = ["ChunkQC", "ExtractSettings", "SlideBatch", "SlideJob", "TileDataset", "choose_settings", "extract_features",
            "extract_slides"]
 
 
@@ -123,11 +123,11 @@ def extract_slides(
     bar = tqdm(total=0, unit="tile", leave=False, disable=not progress)
     batches = iter(loader)
     failed: set[int] = set()
-    pending: tuple[SlideJob, np.ndarray, bool, torch.Tensor, torch.cuda.Event | None] | None = None
-    offsets: dict[int, int] = {}  # job -> its tiles already handed to the model
+    pending: _Pending | None = None
+    offsets: dict[int, int] = {}  # job -> its tiles already read (kept or excluded by its prep)
     try:
         for item in batches:
-            if isinstance(item, ReadFailure) or len(item[2]) == 0:
+            if isinstance(item, ReadFailure) or (len(item[2]) == 0 and item[3] is None):
                 if pending is not None:
                     yield _finish(pending, dtype)
                     pending = None
@@ -139,22 +139,32 @@ def extract_slides(
                         error = SlideError(item.path, item.problem)
                     yield SlideBatch(job, job.coords[:0], np.zeros((0, encoder.dim), dtype), True, error)
                 continue
-            n, last, tiles = item
+            n, last, tiles, qc = item
             if n in failed:
                 continue
             job, start = (schedule.jobs.pop(n), offsets.pop(n, 0)) if last else (schedule.jobs[n], offsets.get(n, 0))
             if start == 0:
                 bar.reset(total=len(job.coords))
                 bar.set_description(slide_id_for(job.path))
+            n_read = len(tiles) if qc is None else len(qc.reasons)
+            coords = job.coords[start:start + n_read]
+            if qc is not None:
+                coords = coords[qc.keep]
+            if not last:
+                offsets[n] = start + n_read
+            bar.update(n_read)
+            if len(tiles) == 0:  # every tile of the chunk excluded: nothing for the model
+                if pending is not None:
+                    yield _finish(pending, dtype)
+                    pending = None
+                yield SlideBatch(job, coords, np.zeros((0, encoder.dim), dtype), last, qc=qc)
+                continue
             with torch.inference_mode(), amp:  # not held across ``yield``: the caller's mode is its own
                 feats = encoder.model(encoder.preprocess(tiles.to(dev, non_blocking=cuda)))
                 fetch = _start_fetch(feats, cuda)
             if pending is not None:
                 yield _finish(pending, dtype)
-            pending = (job, job.coords[start:start + len(tiles)], last, *fetch)
-            if not last:
-                offsets[n] = start + len(tiles)
-            bar.update(len(tiles))
+            pending = (job, coords, last, *fetch, qc)
         if pending is not None:
             yield _finish(pending, dtype)
     finally:
@@ -224,9 +234,11 @@ def _start_fetch(feats: torch.Tensor, cuda: bool) -> tuple[torch.Tensor, torch.c
     return host, event
 
 
-def _finish(pending: tuple[SlideJob, np.ndarray, bool, torch.Tensor, torch.cuda.Event | None],
-            dtype: np.dtype | type) -> SlideBatch:
-    job, coords, last, host, event = pending
+_Pending = tuple[SlideJob, np.ndarray, bool, torch.Tensor, "torch.cuda.Event | None", "ChunkQC | None"]
+
+
+def _finish(pending: _Pending, dtype: np.dtype | type) -> SlideBatch:
+    job, coords, last, host, event, qc = pending
     if event is not None:
         event.synchronize()
-    return SlideBatch(job, coords, host.float().numpy().astype(dtype, copy=False), last)
+    return SlideBatch(job, coords, host.float().numpy().astype(dtype, copy=False), last, qc=qc)

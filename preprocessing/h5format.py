@@ -4,7 +4,16 @@ Layout (schema version :data:`SCHEMA_VERSION`)::
 
     /features   (N, D) float32 or float16, chunked by rows, deflate + shuffle
     /coords     (N, 2) int64, level-0 top-left (x, y) of each tile
-    attrs       provenance, see :data:`REQUIRED_ATTRS`
+    /qc/<measure>            (N,) float32, optional: per-tile QC of the kept tiles (blur, pen_fraction, ...)
+    /qc_excluded/coords      (M, 2) int64, optional: tiles QC excluded before the encoder
+    /qc_excluded/reason      (M,) uint8 bits (:data:`preprocessing.artifacts.REASONS`)
+    /qc_excluded/<measure>   (M,) float32
+    attrs       provenance, see :data:`REQUIRED_ATTRS`; optionally ``qc_params``,
+                ``qc_excluded`` (counts by reason), ``qc_sharpness``, ``stain``, ``stain_params``
+
+The ``qc*`` groups and the stain attributes were added within schema version 1: they are
+optional, so files written before them still read (no QC, ``stain`` "none": :data:`ATTR_DEFAULTS`),
+and readers that do not know them ignore them.
 
 ``features`` and ``coords`` sit at the root so CLAM-style loaders read the file
 as is. Deflate (gzip) rather than LZF so that any HDF5 reader, not only h5py,
@@ -36,6 +45,8 @@ from .errors import PreprocessingError
 SCHEMA_VERSION = 1
 FEATURES = "features"
 COORDS = "coords"
+QC = "qc"
+QC_EXCLUDED = "qc_excluded"
 COMPLETE = "complete"
 
 #: Attributes every feature file carries (besides ``schema_version``, ``status``, ``n_tiles``).
@@ -75,7 +86,13 @@ PARAMETER_ATTRS = (
     "encoder",
     "weights",
     "feature_dtype",
+    "qc_params",
+    "stain",
+    "precision",  # a re-run in another precision (--precision bf16) redoes the files rather than mixing them
 )
+
+#: Values of optional attributes in files written before they existed.
+ATTR_DEFAULTS = {"stain": "none", "precision": "fp32"}
 
 _CHUNK_BYTES = 1 << 20  # ~1 MiB chunks: efficient for both row slices and whole-bag reads
 
@@ -140,6 +157,7 @@ class FeatureWriter:
         self._attrs = {k: _attr_value(v) for k, v in attrs.items()}
         self._attrs.update(feature_dim=self.dim, feature_dtype=self.dtype.name)
         self._file: h5py.File | None = None
+        self.n_excluded = 0
 
     def __enter__(self) -> FeatureWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -167,7 +185,8 @@ class FeatureWriter:
         f.attrs["schema_version"] = SCHEMA_VERSION
         f.attrs["status"] = "writing"
 
-    def append(self, coords: np.ndarray, features: np.ndarray) -> None:
+    def append(self, coords: np.ndarray, features: np.ndarray, qc: Mapping[str, np.ndarray] | None = None) -> None:
+        """Add a batch; ``qc``: per-tile measures of these tiles (the same names in every batch)."""
         if self._file is None:
             raise RuntimeError("FeatureWriter used outside its with-block")
         coords = np.asarray(coords, dtype=np.int64)
@@ -183,7 +202,34 @@ class FeatureWriter:
             ds = self._file[name]
             ds.resize(n, axis=0)
             ds[self.n : n] = data
+        if qc:
+            group = self._file.require_group(QC)
+            if self.n and set(group) != set(qc):
+                raise ValueError(f"QC measures {sorted(qc)} differ from earlier batches' {sorted(group)}")
+            for name, values in qc.items():
+                _grow(group, name, np.asarray(values, np.float32), self.n, (len(features),))
         self.n = n
+
+    def update_attrs(self, **attrs: Any) -> None:
+        """Add attributes known only at the end (e.g. QC counts); before :meth:`commit`."""
+        if self._file is None:
+            raise RuntimeError("FeatureWriter used outside its with-block")
+        self._file.attrs.update({k: _attr_value(v) for k, v in attrs.items()})
+
+    def exclude(self, coords: np.ndarray, reasons: np.ndarray, measures: Mapping[str, np.ndarray]) -> None:
+        """Record tiles that QC excluded (never embedded): coordinates, reason bits, measures."""
+        if self._file is None:
+            raise RuntimeError("FeatureWriter used outside its with-block")
+        coords = np.asarray(coords, np.int64).reshape(-1, 2)
+        if not len(coords):
+            return
+        group = self._file.require_group(QC_EXCLUDED)
+        m = len(coords)
+        _grow(group, COORDS, coords, self.n_excluded, (m, 2))
+        _grow(group, "reason", np.asarray(reasons, np.uint8), self.n_excluded, (m,))
+        for name, values in measures.items():
+            _grow(group, name, np.asarray(values, np.float32), self.n_excluded, (m,))
+        self.n_excluded += m
 
     def commit(self) -> Path:
         """Finish: mark complete, verify what was written, fsync, rename into place."""
@@ -209,6 +255,20 @@ class FeatureWriter:
             self._file.close()
             self._file = None
         self.tmp.unlink(missing_ok=True)
+
+
+def _grow(group: h5py.Group, name: str, data: np.ndarray, at: int, shape: tuple[int, ...]) -> None:
+    """Append ``data`` (of ``shape``) to the resizable dataset ``group[name]`` at row ``at``."""
+    if data.shape != shape:
+        raise ValueError(f"{group.name}/{name}: batch of shape {data.shape}, expected {shape}")
+    if name not in group:
+        group.create_dataset(name, shape=(0, *shape[1:]), maxshape=(None, *shape[1:]), dtype=data.dtype,
+                             chunks=(4096, *shape[1:]), compression="gzip", compression_opts=4, shuffle=True)
+    ds = group[name]
+    if ds.shape[0] != at:
+        raise ValueError(f"{group.name}/{name}: has {ds.shape[0]} rows, expected {at}")
+    ds.resize(at + len(data), axis=0)
+    ds[at:] = data
 
 
 @dataclass(frozen=True)
@@ -243,6 +303,14 @@ def check_feature_file(path: str | os.PathLike) -> FeatureFileInfo:
                     f"{path}: inconsistent sizes (features {f[FEATURES].shape}, coords {n_coords},"
                     f" n_tiles {attrs.get('n_tiles')}, feature_dim {attrs['feature_dim']})"
                 )
+            for name, ds in (f[QC].items() if QC in f else ()):
+                if ds.shape != (n_feat,):
+                    raise FeatureFileError(f"{path}: {QC}/{name} has shape {ds.shape}, expected ({n_feat},)")
+            if QC_EXCLUDED in f:
+                m = f[QC_EXCLUDED][COORDS].shape[0] if COORDS in f[QC_EXCLUDED] else -1
+                bad = [k for k, ds in f[QC_EXCLUDED].items() if ds.shape[0] != m]
+                if m < 0 or bad:
+                    raise FeatureFileError(f"{path}: {QC_EXCLUDED} is inconsistent ({', '.join(bad) or 'no coords'})")
     except OSError as err:
         raise FeatureFileError(f"{path}: not a readable HDF5 file ({err})") from err
     return FeatureFileInfo(path, int(n_feat), attrs)
@@ -255,8 +323,9 @@ def stale_reason(path: str | os.PathLike, expected: Mapping[str, Any]) -> str | 
     except FeatureFileError as err:
         return str(err)
     for key, value in expected.items():
-        if key in PARAMETER_ATTRS and not attr_equal(info.attrs.get(key), _attr_value(value)):
-            return f"{key} changed ({info.attrs.get(key)!r} -> {_attr_value(value)!r})"
+        have = info.attrs.get(key, ATTR_DEFAULTS.get(key))
+        if key in PARAMETER_ATTRS and not attr_equal(have, _attr_value(value)):
+            return f"{key} changed ({have!r} -> {_attr_value(value)!r})"
     return None
 
 
@@ -265,6 +334,28 @@ def read_features(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dict
     info = check_feature_file(path)
     with h5py.File(path, "r") as f:
         return f[FEATURES][()], f[COORDS][()], info.attrs
+
+
+@dataclass(frozen=True)
+class TileQC:
+    """A feature file's per-tile QC: measures of the kept tiles and the excluded tiles (empty if none)."""
+
+    measures: dict[str, np.ndarray]  #: name -> (N,) float32, rows as ``features``
+    excluded_coords: np.ndarray  #: (M, 2) int64
+    excluded_reason: np.ndarray  #: (M,) uint8 bits
+    excluded_measures: dict[str, np.ndarray]  #: name -> (M,) float32
+
+
+def read_qc(path: str | os.PathLike) -> TileQC:
+    """The per-tile QC of a (validated) feature file; files written without QC give empty arrays."""
+    check_feature_file(path)
+    with h5py.File(path, "r") as f:
+        measures = {k: ds[()] for k, ds in f[QC].items()} if QC in f else {}
+        ex = f.get(QC_EXCLUDED, {})
+        coords = ex[COORDS][()] if COORDS in ex else np.zeros((0, 2), np.int64)
+        reason = ex["reason"][()] if "reason" in ex else np.zeros(0, np.uint8)
+        others = {k: ds[()] for k, ds in ex.items() if k not in (COORDS, "reason")}
+    return TileQC(measures, coords, reason, others)
 
 
 def remove_stale_partials(directory: str | os.PathLike, name: str) -> int:

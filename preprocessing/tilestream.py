@@ -32,7 +32,7 @@ from torch.utils.data import Dataset
 from .errors import SlideError
 from .slide import Slide, open_slide
 
-__all__ = ["ChunkReader", "ReadFailure", "Schedule", "SlideBatch", "SlideJob", "TileDataset", "job_problem"]
+__all__ = ["ChunkQC", "ChunkReader", "ReadFailure", "Schedule", "SlideBatch", "SlideJob", "TileDataset", "job_problem"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,9 @@ class SlideJob:
     read_size: int
     tile_size: int
     key: Any = None  #: anything the caller wants back with the job's batches (its task, its writer...)
+    #: Applied to every chunk of tiles where it is read, before the encoder (picklable; ``prep(coords,
+    #: tiles)`` returns a :class:`~.tileprep.PrepResult`: QC exclusion, stain normalisation, jitter).
+    prep: Any = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", Path(self.path))
@@ -73,6 +76,21 @@ class SlideBatch:
     features: np.ndarray  #: (b, dim)
     last: bool
     error: SlideError | None = None
+    #: With a ``prep``: the QC of every tile read for this batch, kept or not (``features`` has the kept).
+    qc: ChunkQC | None = None
+
+
+@dataclass(frozen=True)
+class ChunkQC:
+    """QC of every tile of a chunk, carried from the reader: what was read, why tiles were dropped."""
+
+    coords: np.ndarray  #: (n, 2) int64, every tile read
+    reasons: np.ndarray  #: (n,) uint8 exclusion bits (0: kept)
+    measures: dict[str, np.ndarray]  #: (n,) float32 per measure
+
+    @property
+    def keep(self) -> np.ndarray:
+        return self.reasons == 0
 
 
 @dataclass(frozen=True)
@@ -85,6 +103,7 @@ class _Chunk:
     read: tuple[int, int, int]  # read_level, read_size, tile_size
     last: bool
     problem: str | None = None  # the job failed before reading (cannot open the slide, no such level)
+    prep: Any = None  # the job's prep (see SlideJob)
 
 
 @dataclass(frozen=True)
@@ -184,7 +203,10 @@ class TileDataset(Dataset):
 
 
 class ChunkReader(Dataset):
-    """``reader[chunk]`` -> ``(job, last, tiles)``, or a :class:`ReadFailure` instead of raising.
+    """``reader[chunk]`` -> ``(job, last, tiles, qc)``, or a :class:`ReadFailure` instead of raising.
+
+    ``qc`` is None without a ``prep``; with one, ``tiles`` are the prepared, kept tiles and ``qc``
+    a :class:`ChunkQC` of all the tiles read.
 
     Keeps the last few slides open in each process (a worker reads the end of
     one slide and the start of the next).
@@ -197,7 +219,7 @@ class ChunkReader(Dataset):
     def __getstate__(self) -> dict[str, object]:
         return {**self.__dict__, "_open": OrderedDict()}
 
-    def __getitem__(self, chunk: _Chunk) -> tuple[int, bool, torch.Tensor] | ReadFailure:
+    def __getitem__(self, chunk: _Chunk) -> tuple[int, bool, torch.Tensor, ChunkQC | None] | ReadFailure:
         if chunk.problem is not None:
             return ReadFailure(chunk.job, str(chunk.path), chunk.problem)
         key = (chunk.path, chunk.read)
@@ -209,9 +231,17 @@ class ChunkReader(Dataset):
                 self._open.popitem(last=False)[1].close()
         self._open.move_to_end(key)
         try:
-            return chunk.job, chunk.last, self._open[key].read_coords(chunk.coords)
+            tiles = self._open[key].read_coords(chunk.coords)
         except SlideError as err:
             return ReadFailure(chunk.job, str(err.path), err.problem)
+        if chunk.prep is None or not len(chunk.coords):
+            return chunk.job, chunk.last, tiles, None
+        try:
+            done = chunk.prep(chunk.coords, tiles.numpy())
+        except (ValueError, RuntimeError, np.linalg.LinAlgError) as err:
+            return ReadFailure(chunk.job, str(chunk.path), f"tile preparation (QC/stain) failed: {err}")
+        qc = ChunkQC(chunk.coords, done.reasons, done.measures)
+        return chunk.job, chunk.last, torch.from_numpy(done.tiles), qc
 
     def __len__(self) -> int:  # only the sampler decides what is read
         raise TypeError("a stream of chunks has no length")
@@ -264,7 +294,7 @@ class Schedule:
                 continue
             for start in chunks:
                 stop = start + self.batch_size
-                yield _Chunk(n, job.path, job.coords[start:stop], read, stop >= len(job.coords))
+                yield _Chunk(n, job.path, job.coords[start:stop], read, stop >= len(job.coords), prep=job.prep)
 
     def close(self) -> None:
         self._stop.set()

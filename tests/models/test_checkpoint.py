@@ -26,6 +26,7 @@ PROVENANCE = {
     "target_mpp": 0.5,
     "tile_size": 256,
     "schema_version": 1,
+    "stain": "none",
 }
 
 

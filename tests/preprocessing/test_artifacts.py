@@ -9,7 +9,15 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from preprocessing.artifacts import SlideReference, laplacian_variance, pen_fraction, qc_keep, tile_qc
+from preprocessing.artifacts import (
+    REASONS,
+    SlideReference,
+    laplacian_variance,
+    pen_fraction,
+    qc_keep,
+    qc_reasons,
+    tile_qc,
+)
 from preprocessing.params import QCParams
 from preprocessing.slide import open_slide
 from preprocessing.synth import PRESETS, generate_cohort
@@ -131,8 +139,17 @@ def test_measures_on_known_images():
         QCParams(max_pen_fraction=2)
 
 
-def test_qc_params_default_excludes_nothing():
-    measures = {"blur": np.zeros(4, np.float32), "pen_fraction": np.ones(4), "fold_fraction": np.ones(4)}
-    assert qc_keep(measures, QCParams()).all()
-
-
+def test_default_thresholds_and_reasons():
+    """Default thresholds exclude by reason (bits); the blur ratio needs the slide's sharpness; off excludes nothing."""
+    measures = {"blur": np.array([5, 40, 40, 40, 40], np.float32), "pen_fraction": np.array([0, 0, 0.5, 0, 0.5]),
+                "fold_fraction": np.array([0, 0, 0, 0.6, 0.6])}
+    ref = SlideReference(saturation=80, grey=150, hue=320, sharpness=30.0)
+    reasons = qc_reasons(measures, QCParams(), ref)
+    assert reasons.tolist() == [REASONS["blur"], 0, REASONS["pen"], REASONS["fold"], REASONS["pen"] | REASONS["fold"]]
+    assert qc_keep(measures, QCParams(), ref).tolist() == [False, True, False, False, False]
+    assert qc_reasons(measures, QCParams())[0] == 0  # no slide sharpness: the relative blur test is skipped
+    assert qc_keep(measures, QCParams(enabled=False), ref).all()
+    none = QCParams(min_sharpness_ratio=None, max_pen_fraction=None, max_fold_fraction=None)
+    assert qc_keep(measures, none, ref).all()
+    assert ref.with_sharpness(np.zeros((0, 8, 8, 3), np.uint8)) == ref
+    assert ref.with_sharpness(np.full((2, 8, 8, 3), 100, np.uint8)).sharpness == 0.0

@@ -242,3 +242,20 @@ def test_cli_usage_errors_are_one_line(tmp_path, capsys):
     assert main(["preprocess", "--slides", str(slide), "--out", str(tmp_path / "o"), "--encoder", "nope"]) == 2
     err = capsys.readouterr().err
     assert "need 0 <= i < n" in err and "nope" in err
+
+
+def test_precision_option_is_recorded_and_a_change_redoes_the_outputs(cohort_slides, tmp_path):
+    import h5py
+
+    args = ["preprocess", "--slides", str(cohort_slides), "--out", str(tmp_path), *FAST]
+    assert main([*args, "--precision", "bf16"]) == 0
+    files = sorted((tmp_path / "features").glob("*.h5"))
+    assert files
+    for f in files:
+        with h5py.File(f, "r") as h5:
+            assert h5.attrs["precision"] == "bf16"
+        check_feature_file(f)
+    assert main(args) == 0  # back to the card's fp32: nothing of the bf16 run is reused
+    assert {r["status"] for r in _manifest(tmp_path / "manifest.csv").values()} == {"ok"}
+    with h5py.File(files[0], "r") as h5:
+        assert h5.attrs["precision"] == "fp32"

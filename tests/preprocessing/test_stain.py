@@ -4,8 +4,22 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from PIL import Image
 
-from preprocessing.stain import MacenkoNormalizer, ReinhardNormalizer, hed_jitter, stain_angles_deg
+from preprocessing.errors import InputError
+from preprocessing.params import StainParams
+from preprocessing.stain import (
+    MACENKO_REFERENCE,
+    MacenkoNormalizer,
+    ReinhardNormalizer,
+    SlideStain,
+    default_reference,
+    hed_jitter,
+    provenance_record,
+    stain_angles_deg,
+    stain_reference,
+    tile_rng,
+)
 
 IO = 240
 
@@ -82,3 +96,85 @@ def test_bad_input_and_unfitted():
         ReinhardNormalizer().fit(np.zeros((4, 4), np.uint8))
     with pytest.raises(RuntimeError):
         MacenkoNormalizer().normalize(np.zeros((4, 4, 3), np.uint8))
+
+
+# --- slide-level normalisation as the pipeline runs it (preprocessing.tileprep) -------------------------------
+
+def test_builtin_reference_is_macenkos_published_one():
+    """The built-in reference tile carries Macenko's published vectors; its Macenko default is them exactly."""
+    tile = default_reference()
+    assert tile.dtype == np.uint8 and tile.shape == (256, 256, 3)
+    fitted = MacenkoNormalizer().fit(tile)
+    assert (stain_angles_deg(fitted.stain_matrix, MACENKO_REFERENCE["stain_matrix"]) < 1.0).all()
+    np.testing.assert_allclose(fitted.max_concentrations, MACENKO_REFERENCE["max_concentrations"], rtol=0.06)
+    builtin = stain_reference(StainParams(method="macenko"))
+    np.testing.assert_allclose(builtin.stain_matrix, MACENKO_REFERENCE["stain_matrix"])
+    assert stain_reference(StainParams()) is None
+
+
+@pytest.mark.parametrize("method", ["macenko", "reinhard"])
+def test_slide_stain_maps_a_slide_onto_the_reference(method):
+    """A slide stained with other vectors, mapped with its own (sample-based) estimate, takes the reference's stain."""
+    reference = stain_reference(StainParams(method=method))
+    tiles = np.stack([stained(unit(HE_B), seed=s, size=64) for s in range(8)])
+    mapping = SlideStain.fit(reference, tiles[:4])  # estimated on a sample, applied to every tile
+    out = mapping(tiles)
+    assert out.shape == tiles.shape and out.dtype == np.uint8
+    image = out.reshape(-1, 64, 3)
+    if method == "macenko":
+        refit = MacenkoNormalizer().fit(image)
+        assert (stain_angles_deg(refit.stain_matrix, MACENKO_REFERENCE["stain_matrix"]) < 3.0).all()
+        assert (stain_angles_deg(MacenkoNormalizer().fit(tiles.reshape(-1, 64, 3)).stain_matrix,
+                                 MACENKO_REFERENCE["stain_matrix"]) > 5).any()
+    else:
+        mean, std = ReinhardNormalizer.lab_stats(image)
+        np.testing.assert_allclose(mean, reference.mean, atol=1.5)
+        np.testing.assert_allclose(std, reference.std, rtol=0.08, atol=0.5)
+    # A blank sample has no stain to estimate: one clear error (the slide fails, the batch goes on).
+    if method == "macenko":
+        with pytest.raises(ValueError, match="cannot estimate the slide's H&E vectors"):
+            SlideStain.fit(reference, np.full((2, 32, 32, 3), 245, np.uint8))
+
+
+def test_stain_provenance_identity_tells_settings_apart(tmp_path):
+    records = {
+        "none": provenance_record(StainParams(), None)["stain"],
+        "macenko": provenance_record(StainParams(method="macenko"), stain_reference(StainParams(method="macenko")))[
+            "stain"],
+        "reinhard": provenance_record(StainParams(method="reinhard"),
+                                      stain_reference(StainParams(method="reinhard")))["stain"],
+        "jitter": provenance_record(StainParams(hed_jitter=0.05), None)["stain"],
+    }
+    assert records["none"] == "none" and records["jitter"] == "none+hed0.05/seed0"
+    assert records["macenko"].startswith("macenko:") and records["reinhard"].startswith("reinhard:")
+    assert len(set(records.values())) == 4
+    ref = tmp_path / "ref.png"
+    Image.fromarray(stained(unit(HE_B), seed=9)).save(ref)
+    other = StainParams(method="macenko", reference=str(ref))
+    record = provenance_record(other, stain_reference(other))
+    assert record["stain"] != records["macenko"] and record["stain_params"]["reference_file"] == "ref.png"
+    assert record == provenance_record(other, stain_reference(other))  # the same reference, the same identity
+
+
+def test_bad_stain_settings_are_one_line_input_errors(tmp_path):
+    bad = tmp_path / "ref.png"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(InputError, match=r"ref\.png: cannot read the stain reference image"):
+        stain_reference(StainParams(method="reinhard", reference=str(bad)))
+    tiny = tmp_path / "tiny.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tiny)
+    with pytest.raises(InputError, match=r"tiny\.png: stain reference image 8x8 px is too small"):
+        stain_reference(StainParams(method="macenko", reference=str(tiny)))
+    with pytest.raises(InputError, match="stain method must be one of"):
+        StainParams(method="vahadane")
+    with pytest.raises(InputError, match="needs a stain method"):
+        StainParams(reference=str(tiny))
+
+
+def test_jitter_is_seeded_per_slide_and_tile():
+    tile = stained(unit(HE_A), seed=5, size=32)
+    a = hed_jitter(tile, tile_rng(0, "slide-a", 448, 896), 0.05, 0.01)
+    assert np.array_equal(a, hed_jitter(tile, tile_rng(0, "slide-a", 448, 896), 0.05, 0.01))
+    assert not np.array_equal(a, hed_jitter(tile, tile_rng(0, "slide-b", 448, 896), 0.05, 0.01))
+    assert not np.array_equal(a, hed_jitter(tile, tile_rng(0, "slide-a", 672, 896), 0.05, 0.01))
+    assert not np.array_equal(a, hed_jitter(tile, tile_rng(1, "slide-a", 448, 896), 0.05, 0.01))
