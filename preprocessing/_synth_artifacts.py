@@ -17,18 +17,22 @@ stay byte-identical.
 Each artifact is reported as level-0 boxes ``(kind, x0, y0, x1, y1)``, half-open.
 A stroke or band is a polyline of short pieces (at most :data:`_PIECE` px), one box
 per piece, so the boxes hug it instead of spanning a diagonal's bounding square.
+
+:func:`scan_slide` is a site's scanner (blur, native resolution) and :func:`write_slide` the file it writes.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+import os
 from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from ._synth_render import SlidePlan, Stain, render_slide
+from .tiffwrite import pyramid_shapes, write_pyramidal_tiff
 
 if TYPE_CHECKING:
     from .synth import SynthConfig
@@ -190,3 +194,19 @@ def scan_slide(plan: SlidePlan, cfg: SynthConfig, stain: Stain, k: int) -> tuple
         rects = [(x0, y0, x1 - x0, y1 - y0) for x0, y0, x1, y1 in corners]
         boxes = _scale_boxes(boxes, scale, w, h)
     return image, rects, boxes, mpp
+
+
+def write_slide(path: str | os.PathLike, image: Image.Image, mpp: float, quality: int) -> None:
+    """Write level 0 and box-downsampled lower levels (PIL ``reduce``) as a pyramidal TIFF."""
+    width, height = image.size
+    levels = {1.0: image}
+    for ds, w, h in pyramid_shapes(width, height)[1:]:
+        image = image.reduce(2)
+        if image.size != (w, h):  # both round up when halving, so this cannot happen
+            raise AssertionError(f"level {ds}: {image.size} != {(w, h)}")
+        levels[ds] = image
+
+    def render(ds: float, x: int, y: int, w: int, h: int) -> np.ndarray:
+        return np.asarray(levels[ds].crop((x, y, x + w, y + h)))
+
+    write_pyramidal_tiff(path, width, height, render, mpp=mpp, quality=quality)

@@ -52,18 +52,16 @@ This module holds the cohort's rules; the pixels of each slide are drawn by
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
-from ._synth_artifacts import scan_slide
+from ._synth_artifacts import scan_slide, write_slide
 from ._synth_render import SlidePlan, Stain
 from .atomic import write_csv_atomic
 from .errors import InputError
-from .tiffwrite import pyramid_shapes, write_pyramidal_tiff
 
 __all__ = ["PRESETS", "SiteSummary", "SynthConfig", "generate_cohort", "preset"]
 
@@ -127,6 +125,13 @@ class SynthConfig:
     #: Native level-0 µm/px per site: the slide is drawn at ``mpp`` and resampled, so its tissue
     #: has the same physical size (e.g. 0.4532, a Hamamatsu 20× scan, beside Aperio's 0.5).
     site_mpp: tuple[float, ...] = ()
+    #: A site-specific shortcut: at site ``shortcut_site`` (1-based; 0 = none) every responder is stained
+    #: darker (H and E gains × ``1 + shortcut_strength``), as if one hospital's positives came from another
+    #: staining batch. A model of that site alone can score by colour instead of tumour texture, and that
+    #: does not transfer: the cue is absent elsewhere. Only those slides' colour changes (labels, planted
+    #: regions, artifacts and random draws are the same), so the ground-truth files are identical.
+    shortcut_site: int = 0
+    shortcut_strength: float = 0.0
 
     def __post_init__(self) -> None:
         def check_range(name: str, lo: float, hi: float, low: float, high: float) -> None:
@@ -156,6 +161,9 @@ class SynthConfig:
             raise InputError(f"SynthConfig.tumour_contrast={self.tumour_contrast}: need 0..1.5")
         for name in ("pen_strokes", "folds", "blur_patches"):
             check_range(name, *getattr(self, name), 0, 10)
+        if self.shortcut_site < 0 or not 0.0 <= self.shortcut_strength <= 1.0:
+            raise InputError(f"SynthConfig.shortcut_site={self.shortcut_site}, shortcut_strength="
+                             f"{self.shortcut_strength}: need a site number >= 0 (0: none) and a strength in 0..1")
         checks = {
             "site_size_factors": (0.05, 20.0),
             "site_blur_sigma": (0.0, 5.0),
@@ -170,6 +178,13 @@ class SynthConfig:
     def has_artifacts(self) -> bool:
         return any(hi > 0 for _, hi in (self.pen_strokes, self.folds, self.blur_patches))
 
+    def stain_of(self, stain: Stain, k: int, label: int) -> Stain:
+        """The staining of a label-``label`` slide of site ``k``: the site's, shifted by the shortcut."""
+        if k != self.shortcut_site or not label or not self.shortcut_strength:
+            return stain
+        gain = 1.0 + self.shortcut_strength
+        return replace(stain, h_gain=stain.h_gain * gain, e_gain=stain.e_gain * gain)
+
     def site(self, name: str, k: int, default: float) -> float:
         """Site ``k``'s value of the per-site override ``name``, else ``default``."""
         values = getattr(self, name)
@@ -180,10 +195,15 @@ class SynthConfig:
 #: (clean slides, clear signal). ``realistic``: what multi-hospital pathology looks like to a
 #: model: a weak signal in a small part of the tissue, one large and one small centre with
 #: different prevalence, per-site scanner blur, JPEG quality and a different native µm/px at
-#: site 3, and pen marks, folds and out-of-focus patches (ground truth in ``artifacts.csv``).
+#: site 3, pen marks, folds and out-of-focus patches (ground truth in ``artifacts.csv``), small slides
+#: (1100-1400 px) and a colour shortcut at the large site 1 (its responders stained 30 % darker).
 PRESETS: dict[str, SynthConfig] = {
     "default": SynthConfig(),
     "realistic": SynthConfig(
+        # Small slides (~10 tiles of 224 px each): the demo needs ~110 slides for >= 40 held-out ones and must
+        # stay within minutes on 2 cores; a 256-px patch is then a small part of the tissue.
+        size_range=(1100, 1400),
+        min_region_side=256,
         tumour_fraction=(0.04, 0.10),
         regions_per_positive=(1, 2),
         tumour_contrast=0.6,
@@ -195,6 +215,8 @@ PRESETS: dict[str, SynthConfig] = {
         site_blur_sigma=(0.0, 0.8, 0.3),
         site_jpeg_quality=(90, 70, 95),
         site_mpp=(0.5, 0.5, 0.4532),
+        shortcut_site=1,
+        shortcut_strength=0.3,
     ),
 }
 
@@ -307,22 +329,6 @@ def _site_stains(sites: int, shift: float, seed: int) -> list[Stain]:
 
 
 
-def _write_slide(path: Path, image: Image.Image, mpp: float, quality: int) -> None:
-    """Write level 0 and box-downsampled lower levels (PIL ``reduce``) as a pyramidal TIFF."""
-    width, height = image.size
-    levels = {1.0: image}
-    for ds, w, h in pyramid_shapes(width, height)[1:]:
-        image = image.reduce(2)
-        if image.size != (w, h):  # both round up when halving, so this cannot happen
-            raise AssertionError(f"level {ds}: {image.size} != {(w, h)}")
-        levels[ds] = image
-
-    def render(ds: float, x: int, y: int, w: int, h: int) -> np.ndarray:
-        return np.asarray(levels[ds].crop((x, y, x + w, y + h)))
-
-    write_pyramidal_tiff(path, width, height, render, mpp=mpp, quality=quality)
-
-
 def generate_cohort(
     out: Path,
     *,
@@ -331,6 +337,7 @@ def generate_cohort(
     seed: int = 0,
     config: SynthConfig | str | None = None,
     progress: bool = True,
+    task: str = "classification",
 ) -> list[SiteSummary]:
     """Write the synthetic cohort under ``out`` (see the module docstring for layout and rules).
 
@@ -341,6 +348,8 @@ def generate_cohort(
         raise InputError(f"need sites >= 1 and slides_per_site >= 1, got {sites} and {slides_per_site}")
     if seed < 0:
         raise InputError(f"seed must be >= 0, got {seed}")
+    if task not in ("classification", "survival"):
+        raise InputError(f"task must be classification or survival, not {task!r}")
     cfg = preset(config) if isinstance(config, str) else config or SynthConfig()
     out = Path(out)
     stains = _site_stains(sites, cfg.site_stain_shift, seed)
@@ -360,14 +369,19 @@ def generate_cohort(
             planted, artifacts = [], []
             quality = int(cfg.site("site_jpeg_quality", k, cfg.jpeg_quality))
             for plan in site_plans:
-                image, rects, boxes, mpp = scan_slide(plan, cfg, stains[k - 1], k)
-                _write_slide(slides_dir / f"{plan.slide_id}.tiff", image, mpp, quality)
+                image, rects, boxes, mpp = scan_slide(plan, cfg, cfg.stain_of(stains[k - 1], k, plan.label), k)
+                write_slide(slides_dir / f"{plan.slide_id}.tiff", image, mpp, quality)
                 planted += [(plan.slide_id, *rect) for rect in rects]
                 artifacts += [(plan.slide_id, *box) for box in boxes]
                 bar.update()
             write_csv_atomic(out / site / "artifacts.csv", ARTIFACTS_HEADER, artifacts)
             labels_csv = out / site / "labels.csv"
-            write_csv_atomic(labels_csv, LABELS_HEADER, [(p.slide_id, p.label, p.patient_id) for p in site_plans])
+            if task == "survival":  # labels.csv also gets time,event (preprocessing._synth_survival)
+                from ._synth_survival import SURVIVAL_LABELS_HEADER, survival_rows
+
+                write_csv_atomic(labels_csv, SURVIVAL_LABELS_HEADER, survival_rows(site_plans, planted, seed, k))
+            else:
+                write_csv_atomic(labels_csv, LABELS_HEADER, [(p.slide_id, p.label, p.patient_id) for p in site_plans])
             write_csv_atomic(out / site / "planted.csv", PLANTED_HEADER, planted)
             summaries.append(
                 SiteSummary(

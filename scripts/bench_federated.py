@@ -46,6 +46,23 @@ file adds one column. ``--proximal-mu M`` does the same for FedProx's mu (defaul
 named ``fedprox mu M``, and plain ``fedprox`` is mu 0.01, ``LEGACY_MU``, the default the first results were run
 under: give ``--proximal-mu 0.01`` to print or extend those).
 
+``--datasets realistic`` adds the synthetic ``realistic`` preset (:mod:`preprocessing.synth`): three
+hospitals of 2 : 1 : 0.4 × ``--realistic-slides`` slides (default 10: 20, 10 and 4 slides), prevalence
+0.2 / 0.4 / 0.6, weak planted signal, per-site stain, scanner blur, JPEG quality and native µm/px, pen marks,
+folds and blur; every slide is tiled at 0.5 µm/px and embedded with ``resnet18_trunc`` random-init (as
+``wsi-fl demo``), cached per seed under ``<work>/realistic/n<slides>-seed<k>``. The seed draws new slides;
+its sites are the preset's, shown as ``realistic/as-is``. Same :class:`Protocol`, every strategy.
+
+``--unseen`` adds the unseen-site column (:func:`wsi_fl.benchmarks.federated.run_unseen`): each site in
+turn is left out; pooled ``fit`` (E epochs) and FedAvg (E rounds of one local epoch, InlineGrid) train on
+every slide of the other sites (no val/test split), and each is scored on all slides of the site left out
+(AUC, bootstrap 95 % CI, :mod:`wsi_fl.evaluation.unseen`). Stored as ``unseen pooled`` and ``unseen fedavg``,
+whose ``auc`` is the mean over held-out sites of that seed; printed as a second table beside the seen test
+AUC. ``--smoke`` runs the realistic path small (3 slides per site, 2 epochs, seed 0, FedAvg, ``--unseen``,
+no validation split, as for every realistic run): a check that it runs, not a result. The realistic dataset
+runs the :class:`Protocol` with ``val_frac = 0`` (train/test 0.75/0.25 per site): its site 3, 4 slides of 3
+patients, cannot be split three ways, and nothing is selected on validation slides (fixed epochs, last model).
+
 Goals checked under the table: the better of FedAvg/FedProx (mean over seeds)
 ≥ pooled − 0.02 and ≥ best local. ``--overhead`` (first dataset and skew, first
 seed, FedAvg) times pooled ``fit`` against the real simulation engine
@@ -77,6 +94,10 @@ Overhead at whole-slide scale, and the deployment engine against the simulation:
     python scripts/bench_federated.py --datasets musk1 --skews label --seeds 0 --epochs 10 --overhead \
         --no-table --deployment
 
+The realistic cohort with the unseen-site column (docs/federated-benchmark.md, issue 19)::
+
+    python scripts/bench_federated.py --datasets realistic --unseen --work /tmp/bf19 --resume
+
 A small check::
 
     python scripts/bench_federated.py --datasets musk1 --skews label --seeds 0 --strategies fedavg fedprox --epochs 10
@@ -85,6 +106,7 @@ A small check::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -93,8 +115,25 @@ from pathlib import Path
 
 import torch
 
-from wsi_fl.benchmarks.cohorts import DATASETS, SKEWS, Cohort, build_cohort, synthetic_cohort
-from wsi_fl.benchmarks.federated import ENGINES, LEGACY_MU, STRATEGIES, Protocol, run_cohort
+from wsi_fl.benchmarks.cohorts import (
+    DATASETS,
+    REALISTIC,
+    REALISTIC_SLIDES,
+    SKEWS,
+    Cohort,
+    build_cohort,
+    realistic_cohort,
+    synthetic_cohort,
+)
+from wsi_fl.benchmarks.federated import (
+    ENGINES,
+    LEGACY_MU,
+    STRATEGIES,
+    Protocol,
+    print_unseen_table,
+    run_cohort,
+    run_unseen,
+)
 from wsi_fl.benchmarks.overhead import overhead
 from wsi_fl.benchmarks.results import Results, print_table
 
@@ -104,7 +143,15 @@ def parse_args() -> argparse.Namespace:
     default_data = Path(os.environ.get("WSI_FL_TESTDATA", root.parent / "shared" / "data")) / "mil"
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=default_data, help="directory of the bag tables <name>.csv")
-    ap.add_argument("--datasets", nargs="*", default=list(DATASETS), help="bag tables (none: only --synthetic)")
+    ap.add_argument("--datasets", nargs="*", default=list(DATASETS),
+                    help=f"bag tables, and/or {REALISTIC!r}: the synthetic realistic-preset cohort, preprocessed "
+                         "(none: only --synthetic)")
+    ap.add_argument("--realistic-slides", type=int, default=REALISTIC_SLIDES,
+                    help="slides per site of the realistic cohort before the preset's size factors [%(default)s]")
+    ap.add_argument("--unseen", action="store_true",
+                    help="also leave each site out in turn (pooled and FedAvg on the others, scored on all of it)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="a quick check of the realistic path: 3 slides per site, 2 epochs, seed 0, fedavg, --unseen")
     ap.add_argument("--skews", nargs="+", default=list(SKEWS), choices=SKEWS)
     ap.add_argument("--synthetic", type=Path, help="an existing cohort directory, used as is")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
@@ -133,6 +180,9 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
+    if args.smoke:
+        args.datasets, args.skews, args.seeds, args.strategies = [REALISTIC], ["label"], [0], ["fedavg"]
+        args.epochs, args.realistic_slides, args.unseen = 2, 3, True
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     torch.set_num_threads(args.threads)
     if not args.verbose:
@@ -145,13 +195,22 @@ def main() -> int:
     print(f"work directory {work}; results {results.path}", flush=True)
     proto = Protocol(epochs=args.epochs, server_step=args.server_step, proximal_mu=args.proximal_mu)
 
+    def proto_for(dataset: str) -> Protocol:
+        # The realistic cohort's site 3 (4 slides, 3 patients) cannot be split three ways; nothing is selected on
+        # the validation split (fixed epochs, the last model is scored), so its slides train instead.
+        return dataclasses.replace(proto, val_frac=0.0) if dataset == REALISTIC else proto
+
     def cohorts_for(dataset: str, skew: str) -> list[Cohort]:
         if dataset == "synthetic":
             return [synthetic_cohort(args.synthetic, seed) for seed in args.seeds]
+        if dataset == REALISTIC:
+            return [realistic_cohort(work, seed, args.realistic_slides) for seed in args.seeds]
         return [build_cohort(work, args.data / f"{dataset}.csv", dataset, skew, seed, tuple(args.wsi_scale))
                 for seed in args.seeds]
 
-    combos = [(d, s) for d in args.datasets for s in args.skews]
+    combos = [(d, s) for d in args.datasets if d != REALISTIC for s in args.skews]
+    if REALISTIC in args.datasets:
+        combos.append((REALISTIC, "as-is"))  # its sites are the preset's hospitals: no partition, no skew to choose
     if args.synthetic is not None:
         combos.append(("synthetic", "as-is"))
     if not combos:
@@ -160,8 +219,15 @@ def main() -> int:
     if not args.no_table:
         for dataset, skew in combos:
             for cohort in cohorts_for(dataset, skew):
-                run_cohort(cohort, results, work / "runs", proto, args.strategies, args.engine, args.resume)
-        print_table(results, proto, combos, args.seeds, args.strategies)
+                run_cohort(cohort, results, work / "runs", proto_for(dataset), args.strategies, args.engine,
+                           args.resume)
+                if args.unseen:
+                    run_unseen(cohort, results, work / "runs", proto_for(dataset), args.resume)
+        for group in ([c for c in combos if c[0] != REALISTIC], [c for c in combos if c[0] == REALISTIC]):
+            if group:  # one table per protocol: a result counts only under its own fingerprint
+                print_table(results, proto_for(group[0][0]), group, args.seeds, args.strategies)
+                if args.unseen:
+                    print_unseen_table(results, proto_for(group[0][0]), group, args.seeds)
     if args.overhead:
         overhead(cohorts_for(*combos[0])[0], work, proto, results, args.deployment)
     return 0

@@ -121,3 +121,34 @@ def test_a_stored_results_file_still_loads_and_resumes(tmp_path, capsys):
     assert out[2].split() == ["dataset/skew", "pooled", "best", "local", "fedprox"]
     assert out[3].split() == ["musk1/label", "0.900", "0.800", "0.850"]
     assert out[-1].startswith("musk1/label       fedprox 0.850 >= pooled 0.900 - 0.02: NO")
+
+
+def test_unseen_table_sets_the_whole_site_left_out_beside_the_seen_auc(tmp_path, capsys):
+    """The unseen-site rows are result rows like any other: stored by name, printed in their own table."""
+    proto = federated.Protocol(epochs=3)
+    assert federated.unseen_names(proto) == ("unseen pooled", "unseen fedavg")
+    key = {"protocol": proto.fingerprint(), "dataset": "realistic", "skew": "as-is", "kind": "run"}
+    store = results.Results(tmp_path / "results.jsonl")
+    for seed, (p, f, up, uf) in enumerate([(0.9, 0.85, 0.7, 0.6), (0.8, 0.75, 0.5, 0.4)]):
+        for model, auc in [("pooled", p), ("fedavg", f), ("unseen pooled", up), ("unseen fedavg", uf)]:
+            row = {**key, "seed": seed, "model": model, "auc": auc}
+            if model.startswith("unseen"):
+                row["per_site"] = {"site_1": {"auc": auc}, "site_2": {"auc": None}}
+            store.append(row)
+    federated.print_unseen_table(results.Results(tmp_path / "results.jsonl"), proto, [("realistic", "as-is")], [0, 1])
+    out = capsys.readouterr().out.splitlines()
+    assert out[-2].split() == ["realistic/as-is", "0.850", "±", "0.071", "0.800", "±", "0.071", "0.600", "±",
+                               "0.141", "0.500", "±", "0.141"]
+    assert out[-1].split() == ["site_1", "left", "out", "0.600", "±", "0.141", "0.500", "±", "0.141"]  # no site_2
+
+
+def test_the_realistic_dataset_is_a_script_choice_with_a_smoke_path():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "bench_federated.py"
+    help_text = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True,
+                               check=True).stdout
+    assert "--unseen" in help_text and "--smoke" in help_text and "realistic" in help_text
+    assert cohorts.REALISTIC == "realistic" and cohorts.REALISTIC_SLIDES * 0.4 >= 4  # site 3 keeps 4 slides

@@ -134,3 +134,37 @@ def test_splits_from_column():
         splits_from_column([_rec("a", "P1", "train"), _rec("b", "P2", None)])
     with pytest.raises(ValueError, match="patient P1 is in both train and test"):
         splits_from_column([_rec("a", "P1", "train"), _rec("b", "P1", "test")])
+
+
+def test_leave_one_site_out_holds_each_site_out_once():
+    from wsi_fl.mil.splits import leave_one_site_out
+
+    folds = leave_one_site_out(["site_1", "site_2", "site_3"])
+    assert [held for held, _ in folds] == ["site_1", "site_2", "site_3"]
+    for held, train in folds:
+        assert held not in train and sorted([held, *train]) == ["site_1", "site_2", "site_3"]
+
+
+def test_leave_one_site_out_refuses_one_site_or_duplicates():
+    from wsi_fl.errors import ConfigError
+    from wsi_fl.mil.splits import leave_one_site_out
+
+    with pytest.raises(ConfigError, match="at least 2 sites"):
+        leave_one_site_out(["site_1"])
+    with pytest.raises(ConfigError, match="'a' is named twice"):
+        leave_one_site_out(["a", "b", "a"])
+
+
+def test_site_fold_indices_never_train_on_the_held_out_site():
+    from wsi_fl.errors import ConfigError
+    from wsi_fl.mil.splits import site_fold_indices
+
+    sites = np.array(["a", "b", "a", "c", "b", "c", "c"])
+    for held in ("a", "b", "c"):
+        train, test = site_fold_indices(sites, held)
+        assert set(sites[test]) == {held} and held not in set(sites[train])
+        assert sorted([*train, *test]) == list(range(len(sites)))
+    with pytest.raises(ConfigError, match="no sample of site 'd'"):
+        site_fold_indices(sites, "d")
+    with pytest.raises(ConfigError, match="leaves nothing to train on"):
+        site_fold_indices(["a", "a"], "a")

@@ -306,3 +306,37 @@ def test_presets_and_per_site_validation(tmp_path):
         SynthConfig(site_mpp=(0.1,))
     with pytest.raises(ValueError, match="pen_strokes"):
         SynthConfig(pen_strokes=(2, 1))
+
+
+# -- site-specific shortcut -----------------------------------------------------------------------
+def test_shortcut_darkens_responders_of_one_site_only_and_keeps_ground_truth(tmp_path):
+    """The cue is colour alone: same labels, rectangles and non-responder pixels; darker responders at one site."""
+    plain, cued = tmp_path / "plain", tmp_path / "cued"
+    generate_cohort(plain, sites=2, slides_per_site=3, seed=3, config=TINY, progress=False)
+    generate_cohort(cued, sites=2, slides_per_site=3, seed=3, progress=False,
+                    config=replace(TINY, shortcut_site=2, shortcut_strength=0.4))
+    for site in ("site_1", "site_2"):
+        for name in ("labels.csv", "planted.csv", "artifacts.csv"):
+            assert (plain / site / name).read_bytes() == (cued / site / name).read_bytes()
+    for site in ("site_1", "site_2"):
+        labels = labels_of(plain / site)
+        assert set(labels.values()) == {0, 1}
+        for sid, label in labels.items():
+            a, b = (d / site / "slides" / f"{sid}.tiff" for d in (plain, cued))
+            if site == "site_1" or label == 0:
+                assert a.read_bytes() == b.read_bytes()
+                continue
+            thumb_a, tissue, _ = thumb_masks(a, [])
+            thumb_b = thumb_masks(b, [])[0]
+            # visibly darker tissue: the shortcut a local model can learn
+            assert thumb_b[tissue].mean() < thumb_a[tissue].mean() - 5
+
+
+def test_shortcut_validation_and_presets():
+    with pytest.raises(ValueError, match="shortcut"):
+        SynthConfig(shortcut_strength=1.5)
+    with pytest.raises(ValueError, match="shortcut"):
+        SynthConfig(shortcut_site=-1)
+    realistic = PRESETS["realistic"]
+    assert realistic.shortcut_site == 1 and realistic.shortcut_strength > 0  # the large centre, as the demo needs
+    assert PRESETS["default"].shortcut_site == 0

@@ -184,6 +184,48 @@ def build_cohort(work: Path, table: Path | None, dataset: str, skew: str, seed: 
     return Cohort(dataset, skew, seed, root, tuple(discover_cohort(root)))
 
 
+REALISTIC = "realistic"  # the dataset name of :func:`realistic_cohort`
+#: Slides per site of the "realistic" dataset: the preset's size factors (2, 1, 0.4) make sites of 20, 10 and 4.
+REALISTIC_SLIDES = 10
+REALISTIC_ENCODER = "resnet18_trunc"  # light and random-init (seeded, so every seed sees one feature space)
+
+
+def realistic_cohort(work: Path, seed: int, slides_per_site: int = REALISTIC_SLIDES, *,
+                     progress: bool = False) -> Cohort:
+    """The synthetic ``realistic`` preset (:mod:`preprocessing.synth`) at ``seed``, preprocessed as the demo does.
+
+    Unlike the MIL tables this is the whole pipeline, slides → tissue → tiles → features, with the preset's
+    inter-hospital differences (sizes 2:1:0.4, prevalence 0.2 → 0.6, scanner blur, JPEG quality, site 3 at
+    another native µm/px, artefacts): the seed draws new slides, not a new partition. Cached under
+    ``work/realistic/n<slides>-seed<k>`` (a ``.complete.json`` marker, written last, with the preset's values:
+    a rerun reuses the cohort only while the preset is unchanged).
+    """
+    root = work / REALISTIC / f"n{slides_per_site}-seed{seed}"
+    from preprocessing.synth import preset
+
+    # The preset's values are in the stamp: a changed preset (another helper's edit, a new version) makes new slides.
+    stamp = {"preset": "realistic", "config": repr(preset("realistic")), "seed": seed,
+             "slides_per_site": slides_per_site, "encoder": REALISTIC_ENCODER}
+    marker = root / ".complete.json"
+    if not (marker.is_file() and json.loads(marker.read_text()) == stamp):
+        from preprocessing.encoders import create_encoder
+        from preprocessing.pipeline import PreprocessConfig, discover_slides, run_preprocess
+        from preprocessing.synth import generate_cohort
+
+        summaries = generate_cohort(root, sites=3, slides_per_site=slides_per_site, seed=seed, config="realistic",
+                                    progress=progress)
+        encoder = create_encoder(REALISTIC_ENCODER, random_init=True)
+        for site in summaries:
+            cfg = PreprocessConfig(out_dir=root / site.site, encoder=REALISTIC_ENCODER, random_init=True,
+                                   qc=False, progress=progress)
+            results = run_preprocess(discover_slides([site.slides_dir]), cfg, encoder=encoder)
+            failed = [r.slide_id for r in results if r.status == "failed"]
+            if failed:
+                raise RuntimeError(f"{root / site.site}: preprocessing failed for {', '.join(failed)}")
+        marker.write_text(json.dumps(stamp))
+    return Cohort(REALISTIC, "as-is", seed, root.resolve(), tuple(discover_cohort(root)))
+
+
 def synthetic_cohort(directory: Path, seed: int) -> Cohort:
     """An existing cohort directory used as is (e.g. ``wsi-fl demo``'s, whose sites differ by stain)."""
     return Cohort("synthetic", "as-is", seed, directory.resolve(), tuple(discover_cohort(directory)))

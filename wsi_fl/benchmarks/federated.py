@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import subprocess
 import sys
 import time
@@ -176,6 +177,73 @@ def plan(cohort: Cohort, runs: Path, proto: Protocol, strategies: Sequence[str],
         jobs.append((name, lambda s=s, name=name: train_federated(cohort, out / name.replace(" ", "_"), proto, s,
                                                                   engine)))
     return jobs
+
+
+#: The federated strategy of the unseen-site column: FedConfig's default, plain FedAvg.
+UNSEEN_STRATEGY = "fedavg"
+
+
+def unseen_names(proto: Protocol) -> tuple[str, str]:
+    """The results' model names of the unseen-site column: (pooled, federated)."""
+    return "unseen pooled", f"unseen {proto.fed_name(UNSEEN_STRATEGY)}"
+
+
+def run_unseen(cohort: Cohort, results: Results, runs: Path, proto: Protocol, resume: bool) -> None:
+    """Leave-one-site-out (:mod:`wsi_fl.evaluation.unseen`) on one dataset/skew/seed; one result row per mode.
+
+    Each fold trains on every slide of the other sites (no val/test split, E epochs or E rounds) and scores all
+    slides of the site left out; a row's ``auc`` is the mean over held-out sites (NaN-free sites only), and
+    ``per_site`` keeps each site's AUC, 95 % bootstrap interval and slide counts.
+    """
+    from wsi_fl.evaluation.unseen import leave_one_site_out
+
+    tag = f"{cohort.dataset}/{cohort.skew} seed {cohort.seed}"
+    base = {"protocol": proto.fingerprint(), "dataset": cohort.dataset, "skew": cohort.skew, "seed": cohort.seed}
+    names = dict(zip(("pooled", "federated"), unseen_names(proto), strict=True))
+    if resume and all(results.has(**base, model=name) for name in names.values()):
+        print(f"[{tag}] unseen site      already in {results.path}, skipped", flush=True)
+        return
+    out = runs / cohort.dataset / cohort.skew / f"seed{cohort.seed}" / "unseen"
+    fed = proto.fed_config(UNSEEN_STRATEGY, cohort.seed, len(cohort.sites) - 1, out)
+    start = time.perf_counter()
+    rows = leave_one_site_out(cohort.root, out, train=proto.train_config(cohort.seed), fed=fed)
+    seconds = time.perf_counter() - start
+    for mode, name in names.items():
+        mine = [r for r in rows if r.mode == mode]
+        aucs = [r.auc for r in mine if not math.isnan(r.auc)]
+        auc = sum(aucs) / len(aucs) if aucs else math.nan
+        per_site = {r.held_out: {"auc": None if math.isnan(r.auc) else r.auc, "ci95": r.ci, "n": r.n_slides,
+                                 "n_positive": r.n_positive} for r in mine}
+        results.append({**base, "model": name, "kind": "run", "epochs": proto.epochs, "engine": "inline",
+                        "auc": auc, "per_site": per_site, "seconds": round(seconds, 2), "sites": describe(cohort)})
+        sites = "  ".join(f"{r.held_out} {r.auc:.3f}" for r in mine)
+        print(f"[{tag}] {name:<16} mean over held-out sites {auc:.3f}  ({sites})", flush=True)
+
+
+def print_unseen_table(results: Results, proto: Protocol, combos: Sequence[tuple[str, str]],
+                       seeds: Sequence[int]) -> None:
+    """Seen (held-out slides of the training sites) beside unseen (a whole site left out) AUC, mean ± std."""
+    from wsi_fl.benchmarks.results import format_cell, per_seed
+
+    rows = [r for r in results.rows if r.get("protocol") == proto.fingerprint() and r.get("seed") in seeds]
+    fed = proto.fed_name(UNSEEN_STRATEGY)
+    columns = ["pooled", fed, *unseen_names(proto)]
+    print(f"\nunseen site: AUC on a whole site left out of training (mean over held-out sites), beside the test AUC "
+          f"on held-out slides of the training sites; mean ± std over seeds {list(seeds)}")
+    print(f"{'dataset/skew':<18}" + "".join(f"{c:>22}" for c in columns))
+    for dataset, skew in combos:
+        cols = per_seed(rows, dataset, skew)
+        cells = [format_cell(list(cols.get(c, {}).values()), len(seeds)) for c in columns]
+        print(f"{dataset + '/' + skew:<18}" + "".join(f"{c:>22}" for c in cells))
+        by_site: dict[str, dict[str, list[float]]] = {}  # held-out site -> column -> its AUC per seed
+        for r in rows:
+            if r.get("kind") == "run" and (r["dataset"], r["skew"]) == (dataset, skew) and "per_site" in r:
+                for site, m in r["per_site"].items():
+                    if m.get("auc") is not None:
+                        by_site.setdefault(site, {}).setdefault(r["model"], []).append(m["auc"])
+        for site, per in sorted(by_site.items()):
+            cells = ["", ""] + [format_cell(per.get(c, []), len(seeds)) for c in unseen_names(proto)]
+            print(f"{'  ' + site + ' left out':<18}" + "".join(f"{c:>22}" for c in cells))
 
 
 def score(checkpoint: Path, cohort: Cohort, proto: Protocol) -> tuple[float, float, int]:

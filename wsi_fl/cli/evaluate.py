@@ -7,6 +7,10 @@ drew it for these labels. ``--split val`` scores the validation split, ``--split
 were left out, and ``--split all`` is labelled as possibly including training slides. A checkpoint made
 before split records needs labels with a complete ``split`` column, or ``--split all``.
 
+When the labels name each slide's site (a ``site`` column, or ``--site-col``), every site is also scored on its
+own: AUC with bootstrap CI per site in ``metrics.json`` (``per_site``), ``per_site.csv`` and the printout, and the
+held-out split is redrawn site by site, as training split every site on its own.
+
 Refuses feature files from another encoder, weights, resolution or tile size than the checkpoint was
 trained on.
 """
@@ -32,6 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="which slides to score: test (default: the held-out split of the model's training), "
                         "val, or all (every slide given, including any the model was trained on)")
     p.add_argument("--label-col", default=None, help="outcome column (default: the one the model was trained on)")
+    p.add_argument("--site-col", default=None, metavar="COL",
+                   help="labels column naming each slide's site: per-site AUC with CI too, each site's split redrawn "
+                        "on its own (default: 'site' when the labels have it)")
     add_dataclass_args(p, EvalOptions, exclude=("heatmap_slides", "top_tiles"))
     p.add_argument("--slides", type=Path, nargs="+", default=[], metavar="DIR",
                    help="where the slide files are (for heatmap images)")
@@ -51,8 +58,14 @@ def run(args: argparse.Namespace) -> int:
 
     with use_threads(args.threads):
         m = evaluate_checkpoint(args.model, args.features, args.labels, args.out, label_col=args.label_col,
-                                split=args.split, slide_dirs=args.slides, opts=opts)
+                                split=args.split, slide_dirs=args.slides, opts=opts, site_col=args.site_col)
     keys = ("n", "auc", "auc_ci95", "accuracy", "balanced_accuracy", "sensitivity", "specificity", "brier")
+    if m.get("task") == "survival":
+        keys = ("n", "events", "c_index", "c_index_ci95", "uno_c_index", "mean_time_auc", "integrated_brier_score")
     print(json.dumps({"split": m["evaluated"]["split"], **{k: m.get(k) for k in keys}}))
+    if m.get("per_site"):
+        from wsi_fl.evaluation.persite import format_per_site
+
+        print(format_per_site(m["per_site"]))
     print(f"report: {args.out}")
     return EXIT_OK

@@ -7,6 +7,11 @@ are scored on one test set, the union of every site's held-out split (the
 splits are made per site, so every training mode holds out the same slides),
 with scikit-learn's AUC on per-slide scores: this runs where the test slides
 are, as an evaluation the hospitals agree to, not inside the federation.
+
+Each AUC comes with a 95 % percentile bootstrap interval over the test slides.
+Every model is resampled with the same seed, hence the same slide resamples, so
+the intervals differ only by the models (a few dozen slides make them wide: a
+difference inside them is no evidence).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from matplotlib.figure import Figure
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from models.checkpoint import check_provenance, load_checkpoint
+from wsi_fl.evaluation.metrics import bootstrap_ci
 from wsi_fl.evaluation.plots import save_figure
 from wsi_fl.mil.fit import Site, assign_site_splits, build_dataset, load_site_records
 from wsi_fl.mil.training import auc_score, predict
@@ -35,6 +41,22 @@ class Scored:
     n: int
     targets: np.ndarray
     probs: np.ndarray
+    ci: tuple[float, float] | None = None  # 95 % bootstrap interval of the AUC (None: not computed or undefined)
+
+    @property
+    def n_positive(self) -> int:
+        """Test slides of the last class (the positive one of a binary task)."""
+        return int((self.targets == self.probs.shape[1] - 1).sum())
+
+
+def auc_interval(targets: np.ndarray, probs: np.ndarray, n_bootstrap: int, seed: int) -> tuple[float, float] | None:
+    """95 % percentile bootstrap interval of the AUC (:func:`wsi_fl.evaluation.metrics.bootstrap_ci`)."""
+    if n_bootstrap <= 0 or len(np.unique(targets)) < probs.shape[1]:
+        return None
+    stat = (lambda y, p: roc_auc_score(y, p[:, 1])) if probs.shape[1] == 2 else (
+        lambda y, p: roc_auc_score(y, p, multi_class="ovr", labels=np.arange(p.shape[1])))
+    lo, hi, used = bootstrap_ci(stat, targets, probs, n_bootstrap, seed)
+    return None if not used else (float(lo), float(hi))
 
 
 def held_out_records(sites: Sequence[Site], *, label_col: str, val_frac: float, test_frac: float, seed: int,
@@ -46,8 +68,9 @@ def held_out_records(sites: Sequence[Site], *, label_col: str, val_frac: float, 
 
 
 def score_models(models: Mapping[str, str | Path], sites: Sequence[Site], *, label_col: str = "label",
-                 val_frac: float = 0.15, test_frac: float = 0.2, seed: int = 0) -> list[Scored]:
-    """Each checkpoint's predictions on the union of the sites' test splits."""
+                 val_frac: float = 0.15, test_frac: float = 0.2, seed: int = 0,
+                 n_bootstrap: int = 1000) -> list[Scored]:
+    """Each checkpoint's predictions on the union of the sites' test splits, AUC with a bootstrap 95 % CI."""
     out = []
     for name, path in models.items():
         model, ckpt = load_checkpoint(path)
@@ -60,21 +83,25 @@ def score_models(models: Mapping[str, str | Path], sites: Sequence[Site], *, lab
         preds = predict(model, dataset)
         accuracy = float((preds.probs.argmax(1) == preds.targets).mean())
         out.append(Scored(name, auc_score(preds.targets, preds.probs), accuracy, len(preds.targets),
-                          preds.targets, preds.probs))
+                          preds.targets, preds.probs, auc_interval(preds.targets, preds.probs, n_bootstrap, seed)))
     return out
 
 
 def format_table(scored: Sequence[Scored]) -> str:
-    lines = [f"{'model':<22}{'test AUC':>9}{'accuracy':>10}{'slides':>8}"]
-    lines += [f"{s.name:<22}{s.auc:>9.3f}{s.accuracy:>10.3f}{s.n:>8}" for s in scored]
+    lines = [f"{'model':<22}{'test AUC':>9}  {'95% CI':<11}{'accuracy':>9}{'slides':>8}{'pos':>5}"]
+    for s in scored:
+        ci = f"{s.ci[0]:.2f}-{s.ci[1]:.2f}" if s.ci else "-"
+        lines.append(f"{s.name:<22}{s.auc:>9.3f}  {ci:<11}{s.accuracy:>9.3f}{s.n:>8}{s.n_positive:>5}")
     return "\n".join(lines)
 
 
-def plot_comparison(scored: Sequence[Scored], path: str | os.PathLike) -> Path:
-    """ROC curves of every model on the shared test set, and their AUCs as bars."""
-    fig = Figure(figsize=(10, 4.5))
+def plot_comparison(scored: Sequence[Scored], path: str | os.PathLike, unseen: Sequence | None = None) -> Path:
+    """ROC curves of every model on the shared test set, their AUCs as bars with 95 % CIs and, given ``unseen``
+    (:class:`wsi_fl.evaluation.unseen.UnseenResult` rows), each held-out site's unseen-site AUCs by mode."""
+    fig = Figure(figsize=(15 if unseen else 10, 4.5))
     FigureCanvasAgg(fig)
-    roc_ax, bar_ax = fig.subplots(1, 2)
+    axes = fig.subplots(1, 3 if unseen else 2)
+    roc_ax, bar_ax = axes[0], axes[1]
     roc_ax.plot([0, 1], [0, 1], linestyle="--", color="0.6", linewidth=1)
     for s in scored:
         if s.probs.shape[1] == 2 and 0 < s.targets.sum() < len(s.targets):
@@ -85,11 +112,32 @@ def plot_comparison(scored: Sequence[Scored], path: str | os.PathLike) -> Path:
                title=f"held-out slides of all sites (n = {scored[0].n if scored else 0})")
     roc_ax.legend(loc="lower right", fontsize="small")
     names = [s.name for s in scored]
-    bar_ax.barh(names, [s.auc for s in scored], color=["C0" if "federated" in n else "C1" if "pooled" in n
-                                                         else "C7" for n in names])
-    bar_ax.set(xlim=(0, 1), xlabel="test AUC", title="federated vs pooled vs local")
+    errors = np.array([[s.auc - s.ci[0], s.ci[1] - s.auc] if s.ci else [0.0, 0.0] for s in scored]).T
+    bar_ax.barh(names, [s.auc for s in scored], xerr=errors if len(scored) else None, capsize=3,
+                color=["C0" if "federated" in n else "C1" if "pooled" in n else "C7" for n in names])
+    bar_ax.set(xlim=(0, 1), xlabel="test AUC (95% CI)", title="federated vs pooled vs local")
     bar_ax.invert_yaxis()
-    for ax in (roc_ax, bar_ax):
+    if unseen:
+        _plot_unseen(axes[2], unseen)
+    for ax in axes:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def _plot_unseen(ax, unseen: Sequence) -> None:
+    sites = list(dict.fromkeys(r.held_out for r in unseen))
+    modes = list(dict.fromkeys(r.mode for r in unseen))
+    width = 0.8 / len(modes)
+    for j, mode in enumerate(modes):
+        rows = {r.held_out: r for r in unseen if r.mode == mode}
+        ys = [i + (j - (len(modes) - 1) / 2) * width for i, site in enumerate(sites) if site in rows]
+        got = [rows[site] for site in sites if site in rows]
+        err = np.array([[r.auc - r.ci[0], r.ci[1] - r.auc] if r.ci else [0.0, 0.0] for r in got]).T
+        ax.barh(ys, [r.auc for r in got], height=width, xerr=err, capsize=3, label=mode,
+                color="C0" if mode == "federated" else "C1")
+    ax.set_yticks(range(len(sites)), sites)
+    ax.set(xlim=(0, 1), xlabel="AUC on every slide of the site (95% CI)",
+           title="unseen site: trained on the other sites")
+    ax.invert_yaxis()
+    ax.legend(loc="lower right", fontsize="small")

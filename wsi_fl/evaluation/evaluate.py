@@ -114,15 +114,22 @@ def write_heatmaps(out_dir: Path, preds: Predictions, feature_paths: Mapping[str
 
 def evaluate_checkpoint(checkpoint: str | Path, features_dir: str | Path, labels: str | Path, out_dir: str | Path,
                         *, label_col: str | None = None, split: str | None = None, slide_dirs: Sequence[Path] = (),
-                        opts: EvalOptions = EvalOptions(), log=print) -> dict:
+                        opts: EvalOptions = EvalOptions(), site_col: str | None = None, log=print) -> dict:
     """Evaluate the slides :func:`~wsi_fl.evaluation.heldout.select_slides` picks for ``split`` (None: the
     held-out test split of the model's training); returns the metrics dict (also written to
     ``out_dir/metrics.json``, with ``evaluated``: which split, how many slides scored and left out).
 
-    ``label_col``: the outcome column; None takes the one the model was trained on.
+    ``label_col``: the outcome column; None takes the one the model was trained on. ``site_col``: the column
+    naming each slide's site (None: ``site`` if the labels have one): every site is then also scored on its own
+    (``per_site`` in metrics.json, ``per_site.csv``) and its split redrawn on its own (:mod:`.persite`).
     """
     out_dir = Path(out_dir)
     model, ckpt = load_checkpoint(checkpoint)
+    if ckpt.meta.get("task") == "survival":  # time-to-event model: its own report (C-indices, Kaplan-Meier)
+        from wsi_fl.evaluation.survival_report import evaluate_survival_checkpoint
+
+        return evaluate_survival_checkpoint(checkpoint, model, ckpt, features_dir, labels, out_dir, split=split,
+                                            opts=opts, log=log)
     record = SplitRecord.from_meta(ckpt.meta)
     trained_col = record.label_col if record else ckpt.meta.get("label_col", "label")
     label_col = label_col or trained_col
@@ -134,15 +141,24 @@ def evaluate_checkpoint(checkpoint: str | Path, features_dir: str | Path, labels
     given = drop_empty_slides(table.records, features_dir, log)
     # every given slide's feature file is checked first (existence, feature space): a refusal names the real cause
     FeatureBagDataset(given, features_dir, expected_provenance=ckpt.provenance)
-    chosen = select_slides(ckpt.meta, given, split, str(checkpoint))
+    from wsi_fl.evaluation.persite import per_site_metrics, read_sites, select_per_site, write_per_site_csv
+
+    site_of = read_sites(labels, site_col)
+    chosen = (select_per_site(ckpt.meta, given, split, site_of, str(checkpoint)) if site_of
+              else select_slides(ckpt.meta, given, split, str(checkpoint)))
     log(chosen.line())
     for note in chosen.notes:
         log(f"note: {note}")
     dataset = FeatureBagDataset(chosen.records, features_dir, expected_provenance=ckpt.provenance)
     draw = bool(opts.heatmap_slides or opts.heatmap_top_k)
     preds = predict(model, dataset, keep_attention=draw)
+    extra: dict = {"evaluated": chosen.summary()}
+    if site_of:
+        extra["per_site"] = per_site_metrics(preds.targets, preds.probs, preds.slide_ids, site_of, ckpt.classes, opts)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_per_site_csv(out_dir / "per_site.csv", extra["per_site"])
     metrics = write_report(out_dir, preds, chosen.records, ckpt.classes, opts, title=Path(checkpoint).stem,
-                           extra={"evaluated": chosen.summary()})
+                           extra=extra)
     if draw:
         paths = {r.slide_id: p for r, p in zip(dataset.records, dataset.paths, strict=True)}
         write_heatmaps(out_dir, preds, paths, slide_dirs, opts, log=log)

@@ -173,6 +173,34 @@ def assign_splits(records: Sequence[BagRecord], val_frac: float, test_frac: floa
     return {"train": train, "val": val, "test": test}
 
 
+def leave_one_site_out(site_names: Sequence[str]) -> list[tuple[str, list[str]]]:
+    """``(held_out, train_sites)`` for every site, in the order given: validation on an unseen hospital.
+
+    A held-out split of the training sites' own slides shares their scanners, stains and patients' hospital; a
+    hospital that took no part in training is the deployment question. Needs at least two distinct names, so
+    that every fold trains on something.
+    """
+    names = [str(n) for n in site_names]
+    if len(names) < 2:
+        raise ConfigError(f"leave-one-site-out needs at least 2 sites, got {len(names)}")
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise ConfigError(f"site {dup!r} is named twice: leave-one-site-out needs distinct site names")
+    return [(held, [n for n in names if n != held]) for held in names]
+
+
+def site_fold_indices(sites_of_samples: Sequence[str], held_out: str) -> tuple[np.ndarray, np.ndarray]:
+    """(train, test) sample indices of one leave-one-site-out fold: test is every sample of ``held_out``."""
+    s = np.asarray([str(x) for x in sites_of_samples])
+    test = np.flatnonzero(s == held_out)
+    if test.size == 0:
+        raise ConfigError(f"no sample of site {held_out!r} to hold out")
+    train = np.flatnonzero(s != held_out)
+    if train.size == 0:
+        raise ConfigError(f"holding out {held_out!r} leaves nothing to train on")
+    return train, test
+
+
 def has_no_tiles(path: Path) -> bool:
     """Whether ``path`` is a complete feature file with zero tiles (a slide preprocessing reported ``empty``)."""
     try:
