@@ -128,3 +128,38 @@ def test_bad_horizons_are_one_line_errors() -> None:
     with pytest.raises(ConfigError, match="horizons must lie in") as err:
         survival_metrics(tt, te, tt, t, e, -t, horizons=[100.0], n_bootstrap=0)
     assert "\n" not in str(err.value)
+
+
+def test_survival_report_files_reference_and_discrete_curves(tmp_path: Path) -> None:
+    """write_survival_report: the training reference drives Uno's C and the risk groups; a discrete model's
+    curves are its per-bin survival products (S = 1 before the first bin ends); out-of-range horizons noted."""
+    from wsi_fl.evaluation.survival_report import _curves, write_survival_report
+    from wsi_fl.mil.data import BagRecord
+    from wsi_fl.mil.training import SurvivalPredictions
+
+    _, tt, te = cohort(80, 0)
+    _, t, e = cohort(40, 1)
+    rng = np.random.default_rng(2)
+    logits = rng.normal(size=(40, 3))
+    s = np.exp(np.cumsum(np.log1p(-1 / (1 + np.exp(-logits))), axis=1))
+    edges = [0.0, 0.3, 0.8, float(tt.max())]
+    info = {"loss": "discrete", "bin_edges": edges, "train_time": tt.tolist(), "train_event": te.astype(int).tolist(),
+            "train_risk": rng.normal(size=80).tolist(), "horizons": [0.2, 0.5, 50.0]}
+    grid = np.array([0.1, 0.3, 0.5, 0.9])
+    assert np.allclose(_curves(SurvivalPredictions([], t, e, -s.sum(1), logits), info, grid),
+                       np.column_stack([np.ones(40), s[:, 0], s[:, 0], s[:, 1]]))
+    ids = [f"s{i}" for i in range(40)]
+    preds = SurvivalPredictions(ids, t, e, -s.sum(1), logits)
+    records = [BagRecord(i, "1", 1, f"p{i}", None, float(ti), bool(ei)) for i, ti, ei in zip(ids, t, e, strict=True)]
+    from wsi_fl.evaluation.options import EvalOptions
+
+    m = write_survival_report(tmp_path, preds, records, info, EvalOptions(n_bootstrap=50), title="x")
+    assert m["n_bootstrap"] == 50 and len(m["c_index_ci95"]) == 2
+    assert m["c_index"] == pytest.approx(harrell_c(t, e, -s.sum(1)))
+    assert m["uno_c_index"] == pytest.approx(uno_c(tt, te, t, e, -s.sum(1)))
+    assert m["horizons"] == [0.2, 0.5] and "50" in m["notes"][0] and set(m["time_auc"]) == {"0.2", "0.5"}
+    assert m["risk_groups"]["threshold"] == pytest.approx(np.median(info["train_risk"]))
+    assert 0 < m["integrated_brier_score"] < 1
+    assert json.loads((tmp_path / "metrics.json").read_text())["c_index"] == m["c_index"]
+    for name in ("predictions.csv", "km.png", "time_auc.png"):
+        assert (tmp_path / name).stat().st_size > 0

@@ -131,6 +131,7 @@ def test_feature_bags_load_lazily_the_right_tensors(tmp_path):
         "target_mpp": 0.5,
         "tile_size": 224,
         "schema_version": 1,
+        "stain": "none",  # absent from these files: not normalised
     }
     assert set(ds.provenance) == set(PROVENANCE_KEYS)
     np.testing.assert_array_equal(ds.targets, [0, 1])

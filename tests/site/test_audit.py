@@ -23,6 +23,7 @@ from bagsites import DIM, make_site
 from flwr.app import Message, MessageType, RecordDict
 
 from models import create_model
+from models.checkpoint import PROVENANCE_KEYS
 from wsi_fl.engines.inline import InlineGrid
 from wsi_fl.federation.config import FedConfig
 from wsi_fl.server.loop import client_config, run_server
@@ -105,8 +106,7 @@ def test_every_reply_holds_only_model_arrays_and_aggregates(fed):
         if kind == MessageType.QUERY:
             assert set(content.keys()) == {"info"} and set(content["info"].keys()) == QUERY_KEYS
             assert isinstance(content["info"]["n-train"], int) and content["info"]["classes"] == ["0", "1"]
-            assert set(json.loads(content["info"]["provenance"])) <= {"encoder", "weights", "feature_dim",
-                                                                      "target_mpp", "tile_size", "schema_version"}
+            assert set(json.loads(content["info"]["provenance"])) <= set(PROVENANCE_KEYS)  # the feature space only
             continue
         if kind == MessageType.TRAIN:
             assert set(content.keys()) == {"arrays", "metrics"}

@@ -306,7 +306,7 @@ def test_federation_goes_on_without_the_site_that_refuses(tmp_path, caplog):
 def test_local_federation_gives_each_supernode_its_policy_and_refuses_a_disallowed_superlink(tmp_path):
     written = deployment.site_policy(None, "127.0.0.1:4242", tmp_path)
     assert load_policy(written) == SitePolicy(min_train_bags=1, min_eval_slides=1, allow_site_metrics=True,
-                                              superlink=("127.0.0.1:4242",))
+                                              allow_survival_histograms=True, superlink=("127.0.0.1:4242",))
     config = deployment.node_config(tmp_path / "f", tmp_path / "l.csv", "site_1", superlink="127.0.0.1:4242",
                                     policy=str(written), audit_log=str(tmp_path / "a.jsonl"))
     assert f"superlink='127.0.0.1:4242' policy='{written}' audit-log='{tmp_path / 'a.jsonl'}'" in config

@@ -9,10 +9,16 @@ fixed choices.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from models.config import MILConfig
 from wsi_fl.errors import ConfigError
 from wsi_fl.mil.config import TrainConfig
+
+#: Survival tables' training: the Cox partial likelihood needs risk sets, so 32 bags per step (a batch of one
+#: bag has nothing to compare with); otherwise the classification protocol's settings.
+SURVIVAL_TRAIN = TrainConfig(epochs=40, lr=5e-4, weight_decay=1e-3, early_stopping="none", class_weighting=False,
+                             batch_size=32, task="survival", survival_loss="cox")
 
 
 @dataclass(frozen=True)
@@ -21,6 +27,12 @@ class BenchmarkConfig:
     repeats: int = field(default=5, metadata={"help": "repeats of the k-fold split, each with its own seed"})
     model: str = field(default="gated_attention", metadata={"help": "registered MIL model name"})
     seed: int = field(default=0, metadata={"help": "seed of the first repeat (repeat r uses seed + r)"})
+    task: Literal["classification", "survival"] = field(
+        default="classification", metadata={"help": "classification (label,bag,... tables; accuracy and AUC) or "
+                                                     "survival (time,event,bag,... tables; Harrell's C-index)"})
+    # Nested CV (wsi_fl.mil.tuning.TuneGrid) per outer fold instead of the fixed settings below: the CLI's
+    # --tune flag (a store_true option, not a --tune true/false one).
+    tune: bool = False
     val_frac: float = 0.1
     # Fixed epochs on every training bag: holding out 10 % of ~80 bags to pick an epoch cost more than it
     # gained (Musk1 attention, 2 repeats: 0.872 with early stopping on validation loss, 0.898 without; Fox 0.587
@@ -36,3 +48,10 @@ class BenchmarkConfig:
     def __post_init__(self) -> None:
         if self.folds < 2 or self.repeats < 1:
             raise ConfigError(f"the benchmark needs folds >= 2 and repeats >= 1, not {self.folds}, {self.repeats}")
+        if self.task not in ("classification", "survival"):
+            raise ConfigError(f"the benchmark's task must be classification or survival, not {self.task!r}")
+
+    @property
+    def train_config(self) -> TrainConfig:
+        """The training settings of this task (before any tuning)."""
+        return SURVIVAL_TRAIN if self.task == "survival" else self.train

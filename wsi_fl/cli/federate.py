@@ -3,7 +3,10 @@
 ``--cohort DIR`` holds one subdirectory per site with ``labels.csv`` and
 ``features/`` (what ``wsi-fl demo`` writes under ``demo-out/cohort``). Every
 option below is a key of ``[tool.flwr.app.config]`` in ``pyproject.toml``;
-the deployment engine (``flwr run .``) takes the same keys.
+the deployment engine (``flwr run .``) takes the same keys. ``--task survival``
+trains survival models from ``time``/``event`` label columns (``--hist-time-max``,
+the longest follow-up expected, is then required: it fixes the grid of the
+count histograms from which the server computes the pooled C-index).
 Written to ``--out``: ``best.pt`` and ``last.pt`` (``wsi-fl evaluate`` takes
 them), ``metrics.jsonl``, ``metrics.png`` and ``state.pt`` (for ``--resume``).
 """
@@ -39,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
     result = simulate(args.cohort, cfg, cpus_per_site=args.cpus_per_site)
     last = result.history[-1] if result.history else {}
     print(f"federated {cfg.strategy}: {result.rounds_completed} rounds; best round {result.best_round}")
-    print("last round:", json.dumps({k: last.get(k) for k in ("val-auc", "val-loss", "test-auc", "test-accuracy",
-                                                             "bytes-per-client")}))
+    keys = (("val-c-index", "val-loss", "test-c-index", "test-td-auc", "test-td-auc-time", "bytes-per-client")
+            if cfg.task == "survival" else ("val-auc", "val-loss", "test-auc", "test-accuracy", "bytes-per-client"))
+    print("last round:", json.dumps({k: last.get(k) for k in keys}))
     print(f"models: {args.out}/best.pt, {args.out}/last.pt; metrics: {args.out}/metrics.jsonl, metrics.png")
     return EXIT_OK

@@ -4,6 +4,14 @@ Each ``--site NAME FEATURES_DIR LABELS_CSV`` adds one hospital's feature
 directory (from ``wsi-fl preprocess``) and labels file
 (``slide_id,label[,patient_id][,split]``). Splits are patient-level: the labels'
 ``split`` column when every row has one, else a stratified train/val/test split.
+
+``--task survival`` learns time-to-event outcomes from labels
+``slide_id,time,event[,patient_id][,split]`` (columns named by --time-col and
+--event-col; event 1 = observed, 0 = censored): ``--survival-loss cox`` (risk
+sets within a batch and a site; needs --batch-size >= 2) or ``discrete``
+(--time-bins hazards). The test report gives Harrell's and Uno's C with
+bootstrap intervals, time-dependent AUCs, the integrated Brier score and
+Kaplan-Meier curves of the risk groups.
 """
 
 from __future__ import annotations
@@ -27,6 +35,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="output directory (model.pt, splits, history, test/)")
     add_dataclass_args(p.add_argument_group("data and splits"), SplitConfig)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--tune", action="store_true",
+                   help="choose lr, weight decay, width and epochs by nested CV on the training split's patients "
+                        "before the final fit (grid: wsi_fl.mil.tuning.TuneGrid; about 12x the training time)")
+    p.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+                   help="bootstrap resamples for the test report's confidence intervals (default: 1000; 0: none)")
     add_threads_option(p)
     add_dataclass_args(p.add_argument_group("model"), MILConfig, exclude=("in_dim", "n_classes"))
     add_dataclass_args(p.add_argument_group("optimisation"), TrainConfig)
@@ -42,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
     import json
 
     from preprocessing.runtime import use_threads
+    from wsi_fl.evaluation.options import EvalOptions
     from wsi_fl.mil.fit import Site, fit
 
     sites = [Site(name, Path(f), Path(lab)) for name, f, lab in (args.site or [])]
@@ -52,11 +66,23 @@ def run(args: argparse.Namespace) -> int:
     if not sites:
         raise UsageError("give at least one --site NAME FEATURES_DIR LABELS_CSV (or --features and --labels)")
     with use_threads(args.threads):
+        if args.tune:  # settings chosen on inner folds of the training split only (wsi_fl.mil.tuning)
+            from wsi_fl.mil.tuning import tune_for_fit
+
+            model, train, tuned = tune_for_fit(sites, model, train, label_col=split.label_col,
+                                               val_frac=split.val_frac, test_frac=split.test_frac,
+                                               time_col=split.time_col, event_col=split.event_col)
+            print("tuned:", json.dumps({**tuned.best, "inner_cv_score": round(tuned.score, 4)}))
         result = fit(sites, args.out, model=model, train=train, label_col=split.label_col,
-                     val_frac=split.val_frac, test_frac=split.test_frac, progress=not args.quiet)
+                     val_frac=split.val_frac, test_frac=split.test_frac, progress=not args.quiet,
+                     time_col=split.time_col, event_col=split.event_col,
+                     eval_opts=EvalOptions(n_bootstrap=args.bootstrap))
     print(f"model: {result.checkpoint} (best epoch {result.best_epoch}; splits {result.split_sizes})")
     if result.test_metrics:
         m = result.test_metrics
         keys = ("n", "auc", "auc_ci95", "accuracy", "balanced_accuracy", "sensitivity", "specificity", "brier")
+        if train.task == "survival":
+            keys = ("n", "events", "c_index", "c_index_ci95", "uno_c_index", "uno_c_index_ci95", "time_auc",
+                    "integrated_brier_score")
         print("test:", json.dumps({k: m.get(k) for k in keys}))
     return EXIT_OK

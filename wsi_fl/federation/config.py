@@ -40,7 +40,11 @@ DP_STRATEGIES = ("fedavg", "fedprox")
 
 #: Strategies whose round ends at the sites' weighted mean, which ``server-step`` can scale (wsi_fl.server.strategies).
 STEP_STRATEGIES = ("fedavg", "fedprox")
-SelectOn = Literal["val-auc", "val-loss", "last"]
+SelectOn = Literal["val-auc", "val-c-index", "val-loss", "last"]
+Task = Literal["classification", "survival"]
+SurvivalLoss = Literal["cox", "discrete"]
+#: A Cox batch needs several patients (a risk set of one has no information): the batch size "auto" (0) gives.
+COX_BATCH = 32
 
 _SPLIT = SplitConfig()  # the split defaults of local and pooled training, so a federation splits the same way
 
@@ -55,7 +59,10 @@ MODEL_KEYS = tuple(name.replace("_", "-") for name in MODEL_FIELDS)
 #: FedConfig keys the server (wsi_fl.server) sends to sites with every instruction (the rest concern the server only).
 CLIENT_KEYS = ("local-epochs", *MODEL_KEYS, "optimizer", "lr", "weight-decay", "class-weighting", "max-instances",
                "label-col", "val-frac", "test-frac", "seed", "transport", "auc-bins", "num-server-rounds", "strategy",
-               "dp", "dp-noise-multiplier", "dp-clipping-norm", "dp-epsilon", "dp-delta", "dp-batch-size", "secagg")
+               "dp", "dp-noise-multiplier", "dp-clipping-norm", "dp-epsilon", "dp-delta", "dp-batch-size", "secagg",
+               # survival: what the sites train and the grid their histograms are counted on (SURVIVAL_KEYS)
+               "task", "survival-loss", "time-bins", "time-col", "event-col", "batch-size", "hist-time-min",
+               "hist-time-max", "hist-time-bins", "hist-risk-min", "hist-risk-max", "hist-risk-bins")
 #: Keys the SecAgg+ driver (wsi_fl.server.secagg) adds to an instruction for the site's adapter (wsi_fl.site.secagg).
 SECAGG_KEY_NAMES, SECAGG_KEY_CLIP, SECAGG_KEY_MAX_WEIGHT = ("secagg-array-names", "secagg-clipping-range",
                                                           "secagg-max-weight")
@@ -119,6 +126,28 @@ class FedConfig:
     test_frac: float = field(default=_SPLIT.test_frac,
                              metadata={"help": "each site's held-out test fraction (by patient)"})
     seed: int = field(default=0, metadata={"help": "seed for weights, splits, sampling and shuffling"})
+    # Survival (sent to the sites). The histogram grid is fixed here, before any data is seen: every site counts
+    # its patients on the same edges, and neither its shape nor its range depends on a site's data.
+    task: Task = field(default="classification", metadata={"help": "classification (label-col) or survival "
+                                                                    "(time-col, event-col)"})
+    survival_loss: SurvivalLoss = field(default="cox", metadata={
+        "help": "survival: cox (partial likelihood, risk sets within a site's batch) or discrete (time-bins hazards)"})
+    time_bins: int = field(default=8, metadata={"help": "discrete survival: hazard bins, equal width over "
+                                                        "[hist-time-min, hist-time-max]"})
+    time_col: str = field(default="time", metadata={"help": "survival: follow-up time column of the labels CSV"})
+    event_col: str = field(default="event", metadata={"help": "survival: event column (1 event, 0 censored)"})
+    batch_size: int = field(default=0, metadata={"help": "bags per local step (0: auto, 1; cox survival 32)"})
+    hist_time_min: float = field(default=0.0, metadata={"help": "survival histograms: first time edge"})
+    hist_time_max: float = field(default=0.0, metadata={"help": "survival histograms: last time edge, the longest "
+                                                                "follow-up expected (required for survival)"})
+    hist_time_bins: int = field(default=64, metadata={"help": "survival histograms: time bins"})
+    hist_risk_min: float = field(default=0.0, metadata={"help": "survival histograms: first risk edge (min and max "
+                                                                "0: auto, cox -5..5, discrete -time-bins..0)"})
+    hist_risk_max: float = field(default=0.0, metadata={"help": "survival histograms: last risk edge"})
+    hist_risk_bins: int = field(default=64, metadata={"help": "survival histograms: risk bins"})
+    td_auc_time: float = field(default=0.0, metadata={"help": "survival: horizon of the time-dependent AUC, moved "
+                                                              "to the nearest inner time edge (0: the pooled median "
+                                                              "event time's)"})
     # Transport, evaluation, output
     transport: Transport = field(default="float32", metadata={"help": "dtype of updates sites send"})
     auc_bins: int = field(default=1000, metadata={"help": "score histogram bins for the federated AUC"})
@@ -172,7 +201,55 @@ class FedConfig:
             raise ConfigError(f"run config dp-batch-size must be >= 1, not {self.dp_batch_size}")
         if not 0 < self.dp_delta < 1:
             raise ConfigError(f"run config dp-delta must be in (0, 1), not {self.dp_delta}")
+        self._check_survival()
         self.mil_config(1, 2)  # validates model fields with MILConfig's own messages
+
+    def _check_survival(self) -> None:
+        if self.batch_size < 0 or self.time_bins < 2 or self.hist_time_bins < 2 or self.hist_risk_bins < 2:
+            raise ConfigError(f"run config needs batch-size >= 0 and time-bins, hist-time-bins, hist-risk-bins >= 2, "
+                              f"not {self.batch_size}, {self.time_bins}, {self.hist_time_bins}, {self.hist_risk_bins}")
+        if (self.select_on == "val-c-index") != (self.task == "survival") and self.select_on in ("val-auc",
+                                                                                                   "val-c-index"):
+            raise ConfigError(f"run config select-on = {self.select_on!r} does not apply to task = {self.task!r} "
+                              "(classification: val-auc; survival: val-c-index; either: val-loss or last)")
+        if self.task != "survival":
+            return
+        if not 0 <= self.hist_time_min < self.hist_time_max:
+            raise ConfigError(f"run config task = 'survival' needs 0 <= hist-time-min < hist-time-max (the longest "
+                              f"follow-up expected, agreed before any data is seen), not {self.hist_time_min}, "
+                              f"{self.hist_time_max}")
+        if (self.hist_risk_min, self.hist_risk_max) != (0.0, 0.0) and not self.hist_risk_min < self.hist_risk_max:
+            raise ConfigError(f"run config needs hist-risk-min < hist-risk-max (or both 0: auto), not "
+                              f"{self.hist_risk_min}, {self.hist_risk_max}")
+        from wsi_fl.mil.survival import check_dp_compatible  # one rule for local and federated training
+
+        check_dp_compatible(self.survival_loss, self.dp == "slide-dpsgd")
+        if self.dp == "slide-dpsgd":  # the sites' DP-SGD step (wsi_fl.privacy.dpsgd) scores class labels only
+            raise ConfigError("run config dp = 'slide-dpsgd' is not available for federated survival yet: use central "
+                              "DP (dp = 'client-fixed' ...), which protects a site's whole update")
+
+    def effective_batch_size(self) -> int:
+        """``batch-size``, or for 0 (auto) 1 bag per step, and :data:`COX_BATCH` for Cox survival."""
+        if self.batch_size:
+            return self.batch_size
+        return COX_BATCH if self.task == "survival" and self.survival_loss == "cox" else 1
+
+    def outputs(self, classes: list[str] | tuple[str, ...]) -> list[str]:
+        """What the model's head outputs: the classes, or for survival what :mod:`wsi_fl.mil.survival` reads.
+
+        Cox reads a 2-output head as ``eta = logit_1 - logit_0``; discrete time has one hazard logit per bin.
+        """
+        if self.task == "classification":
+            return list(classes)
+        if self.survival_loss == "cox":
+            return ["baseline", "log-risk"]
+        return [f"hazard-{k}" for k in range(self.time_bins)]
+
+    def risk_range(self) -> tuple[float, float]:
+        """The risk axis of the survival histograms (auto: what the loss's risk score spans in practice)."""
+        if (self.hist_risk_min, self.hist_risk_max) != (0.0, 0.0):
+            return self.hist_risk_min, self.hist_risk_max
+        return (-5.0, 5.0) if self.survival_loss == "cox" else (-float(self.time_bins), 0.0)
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any], **overrides: Any) -> FedConfig:
@@ -200,7 +277,7 @@ class FedConfig:
         return TrainConfig(epochs=self.local_epochs, lr=self.lr, weight_decay=self.weight_decay,
                            optimizer=self.optimizer, class_weighting=self.class_weighting,
                            early_stopping="none", max_instances=self.max_instances or None, seed=self.seed,
-                           device="auto")
+                           device="auto", batch_size=self.effective_batch_size())
 
 
 def _key(name: str) -> str:

@@ -25,10 +25,12 @@ the grid's shape depends only on the agreed edges, never on a site's data. Numpy
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
-__all__ = ["histogram_c_index", "histogram_time_auc", "survival_histograms", "uniform_edges"]
+__all__ = ["agreed_edges", "auc_horizon", "histogram_c_index", "histogram_time_auc", "survival_histograms",
+           "uniform_edges"]
 
 
 def uniform_edges(lo: float, hi: float, bins: int) -> np.ndarray:
@@ -36,6 +38,27 @@ def uniform_edges(lo: float, hi: float, bins: int) -> np.ndarray:
     if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo) or bins < 1:
         raise ValueError(f"need finite lo < hi and bins >= 1, got lo={lo}, hi={hi}, bins={bins}")
     return np.linspace(float(lo), float(hi), int(bins) + 1)
+
+
+def agreed_edges(cfg: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(time edges, risk edges) of a run's survival histograms, from its run config alone
+    (:class:`wsi_fl.federation.config.FedConfig`: ``hist-time-*``, ``hist-risk-*``): the same at every site."""
+    return (uniform_edges(cfg.hist_time_min, cfg.hist_time_max, cfg.hist_time_bins),
+            uniform_edges(*cfg.risk_range(), cfg.hist_risk_bins))
+
+
+def auc_horizon(hist: np.ndarray, time_edges: np.ndarray, requested: float = 0.0) -> float | None:
+    """The horizon of :func:`histogram_time_auc`: the inner time edge nearest ``requested``, or for 0 the one
+    that ends the time bin holding the median event of the summed ``hist``; None without events."""
+    edges = np.asarray(time_edges, dtype=np.float64)
+    inner = edges[1:-1]
+    if requested > 0:
+        return float(inner[np.argmin(np.abs(inner - requested))])
+    per_bin = np.asarray(hist)[0].sum(axis=1)
+    if per_bin.sum() == 0:
+        return None
+    k = int(np.searchsorted(np.cumsum(per_bin), per_bin.sum() / 2.0))  # the bin of the median event
+    return float(edges[min(max(k + 1, 1), len(edges) - 2)])
 
 
 def _bin(values: np.ndarray, edges: np.ndarray) -> np.ndarray:

@@ -15,7 +15,9 @@ from typing import Literal, get_args
 from wsi_fl.errors import ConfigError
 
 Optimizer = Literal["adam", "adamw"]
-EarlyStopping = Literal["auc", "loss", "none"]
+EarlyStopping = Literal["auc", "cindex", "loss", "none"]
+Task = Literal["classification", "survival"]
+SurvivalLoss = Literal["cox", "discrete"]
 
 
 @dataclass(frozen=True)
@@ -28,7 +30,8 @@ class TrainConfig:
     optimizer: Optimizer = field(default="adamw", metadata={"help": "adam or adamw"})
     class_weighting: bool = field(default=True, metadata={"help": "weight the loss by inverse class frequency"})
     early_stopping: EarlyStopping = field(
-        default="loss", metadata={"help": "validation metric that selects the best epoch: auc, loss or none"}
+        default="loss", metadata={"help": "validation metric that selects the best epoch: auc, cindex, loss or none "
+                                          "(for survival, auc and cindex both mean Harrell's C-index)"}
     )
     patience: int = field(default=10, metadata={"help": "epochs without improvement before stopping"})
     max_instances: int | None = field(
@@ -37,6 +40,13 @@ class TrainConfig:
     batch_size: int = field(default=1, metadata={"help": "bags per optimisation step (padded and masked)"})
     seed: int = field(default=0, metadata={"help": "random seed (weights, shuffling, subsampling)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
+    task: Task = field(default="classification", metadata={"help": "classification (slide labels) or survival "
+                                                                   "(time-to-event labels)"})
+    survival_loss: SurvivalLoss = field(
+        default="cox", metadata={"help": "survival: cox (partial likelihood, risk sets within a batch and site; "
+                                         "needs --batch-size >= 2) or discrete (per-bin hazards, DP-SGD compatible)"})
+    time_bins: int = field(default=4, metadata={"help": "survival, discrete: number of time bins (quantiles of "
+                                                        "the training event times)"})
 
     def __post_init__(self) -> None:
         # Checked here so that "--epochs 0" fails before any data is read, naming the option.
@@ -47,10 +57,17 @@ class TrainConfig:
             raise ConfigError(f"TrainConfig.max_instances must be >= 1 or None, not {self.max_instances}")
         if not self.lr > 0 or self.weight_decay < 0:
             raise ConfigError(f"TrainConfig needs lr > 0 and weight_decay >= 0, not {self.lr}, {self.weight_decay}")
-        for name, kind in (("optimizer", Optimizer), ("early_stopping", EarlyStopping)):
+        for name, kind in (("optimizer", Optimizer), ("early_stopping", EarlyStopping), ("task", Task),
+                           ("survival_loss", SurvivalLoss)):
             if getattr(self, name) not in get_args(kind):
                 raise ConfigError(f"TrainConfig.{name} must be one of {', '.join(get_args(kind))}, "
                                   f"not {getattr(self, name)!r}")
+        if self.task == "survival" and self.survival_loss == "discrete" and self.time_bins < 2:
+            raise ConfigError(f"TrainConfig.time_bins must be >= 2 for discrete-time survival, not {self.time_bins}")
+        if self.task == "survival" and self.survival_loss == "cox" and self.batch_size < 2:
+            # A risk set of one slide has a partial likelihood of exactly 1: nothing would be learnt.
+            raise ConfigError("Cox survival training forms risk sets within a batch: give --batch-size >= 2 "
+                              f"(e.g. 32), not {self.batch_size}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -61,6 +78,8 @@ class SplitConfig:
     """How a site's slides are split into train/validation/test, by patient, when its labels have no split column."""
 
     label_col: str = field(default="label", metadata={"help": "outcome column of the labels files"})
+    time_col: str = field(default="time", metadata={"help": "survival: time-to-event column of the labels files"})
+    event_col: str = field(default="event", metadata={"help": "survival: event column (1 event, 0 censored)"})
     val_frac: float = field(default=0.15, metadata={"help": "validation share of patients (0: no epoch selection)"})
     test_frac: float = field(default=0.2, metadata={"help": "test share of patients (0: no test split)"})
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from models.checkpoint import PROVENANCE_KEYS, ProvenanceError, check_provenance
+from models.checkpoint import PROVENANCE_KEYS, ProvenanceError, check_provenance, provenance_value
 from preprocessing.h5format import COORDS, FEATURES, FeatureFileError, attr_equal, check_feature_file
 from wsi_fl.errors import ConfigError
 
@@ -42,13 +42,19 @@ class BagDataError(ConfigError):
 
 @dataclass(frozen=True)
 class BagRecord:
-    """One slide: its label, the class index of that label, its patient and optional predefined split."""
+    """One slide: its label, the class index of that label, its patient and optional predefined split.
+
+    A survival record (:func:`wsi_fl.mil.survival_data.read_survival_records`) also has ``time`` and ``event``;
+    its ``label``/``target`` are the event ("0"/"1", 0/1), so that splits are stratified by event status.
+    """
 
     slide_id: str
     label: str
     target: int
     patient_id: str
     split: str | None
+    time: float | None = None
+    event: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -137,12 +143,19 @@ def read_labels(path: str | Path, *, label_col: str = "label", classes: Sequence
 
 @dataclass
 class Bag:
-    """One bag: ``features`` (N, D) float32, ``coords`` (N, 2) int64 for slides, ``None`` for tables."""
+    """One bag: ``features`` (N, D) float32, ``coords`` (N, 2) int64 for slides, ``None`` for tables.
+
+    Survival bags also carry ``time``/``event`` and ``stratum`` (the site index in pooled training: Cox risk
+    sets never cross it); classification bags leave ``time``/``event`` None.
+    """
 
     features: torch.Tensor
     target: int
     slide_id: str
     coords: torch.Tensor | None = None
+    time: float | None = None
+    event: bool | None = None
+    stratum: int = 0
 
 
 class FeatureBagDataset(Dataset):
@@ -169,6 +182,7 @@ class FeatureBagDataset(Dataset):
         seed: int = 0,
         expected_provenance: Mapping[str, Any] | None = None,
         cache_bytes: int = 2 << 30,
+        stratum: int = 0,
     ) -> None:
         if max_instances is not None and max_instances < 1:
             raise ValueError(f"max_instances must be >= 1 or None, got {max_instances}")
@@ -178,6 +192,7 @@ class FeatureBagDataset(Dataset):
         self.features_dir = Path(features_dir)
         self.max_instances = max_instances
         self.seed = seed
+        self.stratum = int(stratum)  # survival: the site index, so pooled Cox risk sets stay within a site
         # Training reads every bag once per epoch: keeping decompressed bags (up to this many bytes in all)
         # makes epochs after the first free of HDF5 decompression. 0 disables the cache.
         self.cache_bytes = int(cache_bytes)
@@ -201,13 +216,13 @@ class FeatureBagDataset(Dataset):
                 first = (rec.slide_id, info.attrs)
             else:
                 for key in PROVENANCE_KEYS:
-                    a, b = first[1].get(key), info.attrs.get(key)
+                    a, b = provenance_value(first[1], key), provenance_value(info.attrs, key)
                     if not attr_equal(a, b):
                         raise BagDataError(f"slides {first[0]} and {rec.slide_id} differ in {key}: {a!r} vs {b!r}")
             self.paths.append(path)
             self.n_tiles.append(info.n_tiles)
         assert first is not None
-        self.provenance: dict[str, Any] = {k: first[1].get(k) for k in PROVENANCE_KEYS}
+        self.provenance: dict[str, Any] = {k: provenance_value(first[1], k) for k in PROVENANCE_KEYS}
         if expected_provenance is not None:
             try:
                 check_provenance(expected_provenance, self.provenance, f"feature files in {self.features_dir}")
@@ -216,6 +231,10 @@ class FeatureBagDataset(Dataset):
         self.feature_dim = int(self.provenance["feature_dim"])
         self.targets = np.array([r.target for r in self.records], dtype=np.int64)
         self.groups = np.array([r.patient_id for r in self.records])
+        if all(r.time is not None for r in self.records):
+            self.times = np.array([r.time for r in self.records], dtype=np.float64)
+            self.events = np.array([bool(r.event) for r in self.records])
+            self.strata = np.full(len(self.records), self.stratum, dtype=np.int64)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the instance subsets of ``epoch`` (only matters with ``max_instances``)."""
@@ -260,108 +279,23 @@ class FeatureBagDataset(Dataset):
             keep = np.sort(rng.choice(n, self.max_instances, replace=False))
             feats, coords = feats[keep], coords[keep]
         return Bag(features=torch.from_numpy(feats), target=rec.target, slide_id=rec.slide_id,
-                   coords=torch.from_numpy(coords))
-
-
-class TableBagDataset(Dataset):
-    """Bags from an instance table (the classic MIL benchmarks), held in memory.
-
-    :meth:`subset` returns another ``TableBagDataset`` (sharing the tensors) rather
-    than a ``torch.utils.data.Subset``, so ``targets``/``groups``/``classes`` stay
-    available for nested splitting.
-    """
-
-    def __init__(
-        self, features: Sequence[torch.Tensor], targets: Sequence[int], bag_ids: Sequence[str], classes: Sequence[str]
-    ) -> None:
-        if not (len(features) == len(targets) == len(bag_ids)):
-            raise ValueError("features, targets and bag_ids must have the same length")
-        self.features = list(features)
-        self.targets = np.asarray(targets, dtype=np.int64)
-        self.groups = np.asarray([str(b) for b in bag_ids])
-        self.classes = list(classes)
-        self.feature_dim = int(self.features[0].shape[1]) if self.features else 0
-
-    @classmethod
-    def from_csv(cls, path: str | Path) -> TableBagDataset:
-        """Read ``label,bag,f0,f1,...`` with one row per instance; bags in order of first appearance."""
-        path = Path(path)
-        try:
-            with open(path, newline="", encoding="utf-8-sig") as fh:
-                reader = csv.reader(fh)
-                header = [h.strip() for h in next(reader, [])]
-                if header[:2] != ["label", "bag"] or len(header) < 3:
-                    raise BagDataError(f"{path}: expected header label,bag,<features...>, got {','.join(header[:4])}")
-                rows, lines = [], []
-                for r in reader:
-                    if r:
-                        rows.append(r)
-                        lines.append(reader.line_num)
-        except (OSError, UnicodeDecodeError) as err:
-            raise BagDataError(f"{path}: cannot read bag table ({err})") from err
-        if not rows:
-            raise BagDataError(f"{path}: no instances")
-        width = len(header)
-        for line, r in zip(lines, rows, strict=True):
-            if len(r) != width:
-                raise BagDataError(f"{path}:{line}: {len(r)} fields, header has {width}")
-        labels = [r[0].strip() for r in rows]
-        bags = [r[1].strip() for r in rows]
-        try:
-            x = np.array([r[2:] for r in rows], dtype=np.float64)
-        except ValueError:
-            for line, r in zip(lines, rows, strict=True):  # error path only: find the row to name
-                try:
-                    np.array(r[2:], dtype=np.float64)
-                except ValueError as err:
-                    raise BagDataError(f"{path}:{line}: bag {r[1].strip()}: non-numeric feature ({err})") from err
-            raise
-        bad_rows = np.flatnonzero(~np.isfinite(x).all(axis=1))
-        if bad_rows.size:
-            k = int(bad_rows[0])
-            raise BagDataError(f"{path}:{lines[k]}: bag {bags[k]}: NaN/Inf feature value")
-
-        order: dict[str, list[int]] = {}
-        for k, b in enumerate(bags):
-            order.setdefault(b, []).append(k)
-        bag_labels = {}
-        for b, idx in order.items():
-            found = {labels[k] for k in idx}
-            if len(found) != 1:
-                raise BagDataError(f"{path}: bag {b} has instances with different labels {sorted(found)}")
-            bag_labels[b] = found.pop()
-        classes = sort_classes(list(bag_labels.values()))
-        x32 = torch.from_numpy(x.astype(np.float32))
-        return cls(
-            features=[x32[idx] for idx in order.values()],
-            targets=[classes.index(bag_labels[b]) for b in order],
-            bag_ids=list(order),
-            classes=classes,
-        )
-
-    def subset(self, indices: Sequence[int] | np.ndarray) -> TableBagDataset:
-        """The bags at ``indices`` as a new dataset (tensors shared, not copied)."""
-        idx = [int(i) for i in indices]
-        return TableBagDataset([self.features[i] for i in idx], self.targets[idx], self.groups[idx], self.classes)
-
-    def set_epoch(self, epoch: int) -> None:
-        """No-op: table bags are used whole; present so training code treats both datasets alike."""
-
-    def __len__(self) -> int:
-        return len(self.features)
-
-    def __getitem__(self, i: int) -> Bag:
-        return Bag(features=self.features[i], target=int(self.targets[i]), slide_id=str(self.groups[i]), coords=None)
+                   coords=torch.from_numpy(coords), time=rec.time, event=rec.event, stratum=self.stratum)
 
 
 @dataclass
 class BagBatch:
-    """Bags padded to the longest: ``x`` (B, Nmax, D), ``mask`` (B, Nmax) True on real instances."""
+    """Bags padded to the longest: ``x`` (B, Nmax, D), ``mask`` (B, Nmax) True on real instances.
+
+    ``time`` (B,) float64, ``event`` (B,) bool and ``stratum`` (B,) long for survival bags; None otherwise.
+    """
 
     x: torch.Tensor
     mask: torch.Tensor
     targets: torch.Tensor
     slide_ids: list[str]
+    time: torch.Tensor | None = None
+    event: torch.Tensor | None = None
+    stratum: torch.Tensor | None = None
 
 
 def collate_bags(bags: list[Bag]) -> BagBatch:
@@ -378,9 +312,25 @@ def collate_bags(bags: list[Bag]) -> BagBatch:
         n = b.features.shape[0]
         x[j, :n] = b.features
         mask[j, :n] = True
+    survival = [b.time is not None for b in bags]
+    if any(survival) and not all(survival):
+        raise BagDataError("collate_bags: survival and classification bags in one batch")
     return BagBatch(
         x=x,
         mask=mask,
         targets=torch.tensor([b.target for b in bags], dtype=torch.long),
         slide_ids=[b.slide_id for b in bags],
+        time=torch.tensor([b.time for b in bags], dtype=torch.float64) if all(survival) else None,
+        event=torch.tensor([bool(b.event) for b in bags], dtype=torch.bool) if all(survival) else None,
+        stratum=torch.tensor([b.stratum for b in bags], dtype=torch.long) if all(survival) else None,
     )
+
+
+def __getattr__(name: str) -> Any:
+    # The instance-table datasets live in wsi_fl.mil.tables (this module is about slides; that one imports Bag
+    # from here), served lazily so that ``from wsi_fl.mil.data import TableBagDataset`` keeps working.
+    if name == "TableBagDataset":
+        from wsi_fl.mil.tables import TableBagDataset
+
+        return TableBagDataset
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

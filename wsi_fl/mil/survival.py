@@ -34,8 +34,8 @@ from torch import Tensor
 
 from wsi_fl.errors import ConfigError
 
-__all__ = ["cox_loss", "discrete_time_bins", "discrete_time_loss", "log_risk", "risk", "survival_curves",
-           "time_bins"]
+__all__ = ["check_dp_compatible", "cox_loss", "discrete_time_bins", "discrete_time_loss", "log_risk", "risk",
+           "survival_curves", "time_bins"]
 
 
 def log_risk(logits: Tensor) -> Tensor:
@@ -139,3 +139,16 @@ def risk(logits: Tensor, kind: str) -> Tensor:
     if kind == "discrete":
         return -survival_curves(logits).sum(dim=1)
     raise ConfigError(f"survival loss must be cox or discrete, not {kind!r}")
+
+
+def check_dp_compatible(loss: str, dp_enabled: bool) -> None:
+    """Refuse the Cox loss under slide-level DP-SGD, in one line: the one place that rule is written.
+
+    DP-SGD bounds each slide's influence by clipping its own gradient; a Cox term depends on every slide of its
+    risk set, so no per-slide gradient exists to clip (and the privacy accounting would not hold). The
+    discrete-time loss is a sum of per-slide terms and is accepted.
+    """
+    if dp_enabled and loss == "cox":
+        raise ConfigError("the Cox loss cannot be trained under slide-level DP-SGD (each slide's term depends on "
+                          "its whole risk set, so per-slide gradients cannot be clipped): use --survival-loss "
+                          "discrete")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from wsi_fl.errors import ConfigError
 
-__all__ = ["SurvivalLabelError", "read_survival_labels"]
+__all__ = ["SurvivalLabelError", "read_survival_labels", "read_survival_records"]
 
 _EVENT_VALUES = {"0": False, "1": True, "0.0": False, "1.0": True}
 
@@ -65,3 +65,18 @@ def read_survival_labels(path: str | Path, *, time_col: str = "time", event_col:
     if not out:
         raise SurvivalLabelError(f"{path}: no rows")
     return out
+
+
+def read_survival_records(path: str | Path, *, time_col: str = "time", event_col: str = "event") -> list:
+    """The survival labels as :class:`wsi_fl.mil.data.BagRecord` s (patient and split columns as for
+    classification), with ``time``/``event`` set and the event as label ("0"/"1") and target (0/1), so that
+    patient-level splits are stratified by event status. Checks :func:`read_survival_labels` first, so a bad
+    time or event is reported as such."""
+    from dataclasses import replace
+
+    from wsi_fl.mil.data import read_labels  # torch: imported on use (this module stays standard library only)
+
+    outcomes = read_survival_labels(path, time_col=time_col, event_col=event_col)
+    table = read_labels(path, label_col=event_col)  # patient_id, split; the events were checked just above
+    return [replace(rec, label=str(int(outcomes[rec.slide_id][1])), target=int(outcomes[rec.slide_id][1]),
+                    time=outcomes[rec.slide_id][0], event=outcomes[rec.slide_id][1]) for rec in table.records]

@@ -20,8 +20,10 @@ from sklearn.metrics import roc_auc_score
 from torch.utils.data import DataLoader, Dataset
 
 from models import MILModel
+from wsi_fl.errors import ConfigError
 from wsi_fl.mil.config import TrainConfig  # defined beside the other stdlib-only settings; importable from here too
-from wsi_fl.mil.data import collate_bags
+from wsi_fl.mil.data import BagBatch, collate_bags
+from wsi_fl.mil.survival import cox_loss, discrete_time_bins, discrete_time_loss, log_risk, risk, time_bins
 
 
 @dataclass
@@ -29,6 +31,7 @@ class TrainResult:
     model: MILModel  # with the weights of the selected epoch
     best_epoch: int
     history: list[dict[str, float]]
+    bin_edges: np.ndarray | None = None  # discrete-time survival: the time-bin edges the head's outputs stand for
 
 
 @dataclass
@@ -37,6 +40,18 @@ class Predictions:
     targets: np.ndarray  # (n,) int
     probs: np.ndarray  # (n, C) float
     attention: list[np.ndarray | None]  # per bag, (N,) weights over its instances
+
+
+@dataclass
+class SurvivalPredictions:
+    """A survival model's output on a dataset; ``risk``: higher = earlier event (:func:`wsi_fl.mil.survival.risk`)."""
+
+    slide_ids: list[str]
+    time: np.ndarray  # (n,) float
+    event: np.ndarray  # (n,) bool
+    risk: np.ndarray  # (n,) float
+    logits: np.ndarray | None = None  # (n, K) head outputs (discrete time: per-bin hazard logits)
+    stratum: np.ndarray | None = None  # (n,) site index
 
 
 def seed_everything(seed: int) -> None:
@@ -56,6 +71,30 @@ def class_weights(targets: np.ndarray, n_classes: int) -> torch.Tensor:
     counts = np.bincount(np.asarray(targets, dtype=np.int64), minlength=n_classes).astype(np.float64)
     weights = np.where(counts > 0, counts.sum() / (n_classes * np.maximum(counts, 1)), 0.0)
     return torch.tensor(weights, dtype=torch.float32)
+
+
+def survival_of(ds: Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """``(times, events)`` of a survival bag dataset (also a Subset or a pooled ConcatDataset of them)."""
+    times, events = getattr(ds, "times", None), getattr(ds, "events", None)
+    if times is None and hasattr(ds, "dataset"):  # torch Subset
+        t, e = survival_of(ds.dataset)  # type: ignore[attr-defined]
+        idx = np.asarray(ds.indices)  # type: ignore[attr-defined]
+        return t[idx], e[idx]
+    if times is None or events is None:
+        raise ConfigError("survival training needs bags with a time and an event (survival labels)")
+    return np.asarray(times, dtype=np.float64), np.asarray(events, dtype=bool)
+
+
+def survival_outputs(train_ds: Dataset, cfg: TrainConfig) -> tuple[int, np.ndarray | None]:
+    """How many outputs a survival head needs (``MILConfig.n_classes``) and, for discrete time, the bin edges.
+
+    Cox: 2 (``eta = logit_1 - logit_0``, :func:`~wsi_fl.mil.survival.log_risk`). Discrete: one hazard logit per
+    bin, the bins from quantiles of the training event times (:func:`~wsi_fl.mil.survival.discrete_time_bins`).
+    """
+    if cfg.survival_loss == "cox":
+        return 2, None
+    edges = discrete_time_bins(*survival_of(train_ds), cfg.time_bins)
+    return len(edges) - 1, edges
 
 
 def _targets_of(ds: Dataset) -> np.ndarray:
@@ -112,6 +151,64 @@ def predict(model: MILModel, ds: Dataset, *, batch_size: int = 1, device: str | 
     )
 
 
+@torch.inference_mode()
+def predict_risk(model: MILModel, ds: Dataset, cfg_or_bins: TrainConfig | str | np.ndarray | None = None, *,
+                 batch_size: int = 1, device: str | torch.device = "cpu") -> SurvivalPredictions:
+    """Risk scores of a survival model: ``cfg_or_bins`` says what its outputs are, a TrainConfig (its
+    ``survival_loss``), ``"cox"``/``"discrete"``, or the bin edges (discrete time); None means Cox."""
+    if isinstance(cfg_or_bins, TrainConfig):
+        kind = cfg_or_bins.survival_loss
+    elif isinstance(cfg_or_bins, str):
+        kind = cfg_or_bins
+    else:
+        kind = "cox" if cfg_or_bins is None else "discrete"
+    device = torch.device(device)
+    model.eval().to(device)
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=collate_bags)
+    ids, times, events, risks, logits, strata = [], [], [], [], [], []
+    for batch in loader:
+        if batch.time is None:
+            raise ConfigError("predict_risk needs survival bags (with a time and an event)")
+        out = model(batch.x.to(device), batch.mask.to(device)).logits.float().cpu()
+        risks.append(risk(out, kind).numpy())
+        logits.append(out.numpy())
+        times.append(batch.time.numpy())
+        events.append(batch.event.numpy())
+        strata.append(batch.stratum.numpy())
+        ids.extend(batch.slide_ids)
+    if not ids:
+        raise ConfigError("predict_risk: no bags")
+    return SurvivalPredictions(ids, np.concatenate(times), np.concatenate(events).astype(bool),
+                               np.concatenate(risks).astype(np.float64), np.concatenate(logits),
+                               np.concatenate(strata))
+
+
+class SurvivalLoss(torch.nn.Module):
+    """A survival loss on a batch: Cox (risk sets within the batch and within each stratum = site) or discrete
+    time (the batch's times binned by ``edges``). Called as ``criterion(logits, batch)``."""
+
+    def __init__(self, kind: str, edges: np.ndarray | None = None) -> None:
+        super().__init__()
+        if kind == "discrete" and edges is None:
+            raise ValueError("the discrete-time loss needs bin edges")
+        self.kind, self.edges = kind, edges
+
+    def forward(self, logits: torch.Tensor, batch: BagBatch) -> torch.Tensor:
+        event = batch.event.to(logits.device)
+        if self.kind == "cox":
+            return cox_loss(log_risk(logits), batch.time.to(logits.device), event, batch.stratum.to(logits.device))
+        return discrete_time_loss(logits, time_bins(batch.time, self.edges).to(logits.device), event)
+
+    def on_predictions(self, preds: SurvivalPredictions) -> float:
+        """The loss over a whole (validation) set: its every slide in one risk set per site."""
+        logits = torch.as_tensor(preds.logits, dtype=torch.float64)
+        event = torch.as_tensor(preds.event)
+        if self.kind == "cox":
+            return float(cox_loss(log_risk(logits), torch.as_tensor(preds.time), event,
+                                  torch.as_tensor(preds.stratum)))
+        return float(discrete_time_loss(logits, time_bins(preds.time, self.edges), event))
+
+
 def _loss_on(model: MILModel, preds: Predictions, weight: torch.Tensor | None) -> float:
     probs = torch.as_tensor(preds.probs, dtype=torch.float64).clamp_min(1e-12)
     nll = torch.nn.functional.nll_loss(probs.log(), torch.as_tensor(preds.targets),
@@ -161,10 +258,11 @@ def train_epoch(model: MILModel, loader: DataLoader, optimizer: torch.optim.Opti
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     total, n_bags = 0.0, 0
+    survival = isinstance(criterion, SurvivalLoss)
     for batch in loader:
         x, mask, y = batch.x.to(device), batch.mask.to(device), batch.targets.to(device)
-        out = model(x, mask, labels=y)
-        loss = criterion(out.logits, y)
+        out = model(x, mask, labels=None if survival else y)  # no class label, so no instance (CLAM) loss
+        loss = criterion(out.logits, batch) if survival else criterion(out.logits, y)
         if out.aux_loss is not None:
             loss = loss + out.aux_loss
         total += loss.item() * len(y)
@@ -179,11 +277,24 @@ def train_epoch(model: MILModel, loader: DataLoader, optimizer: torch.optim.Opti
 
 def train_model(model: MILModel, train_ds: Dataset, val_ds: Dataset | None, cfg: TrainConfig,
                 *, progress: bool = False) -> TrainResult:
-    """Train with early stopping on the validation set (if given) and return the best epoch's weights."""
+    """Train with early stopping on the validation set (if given) and return the best epoch's weights.
+
+    ``cfg.task == "survival"``: the bags carry times and events; the model's outputs must be
+    :func:`survival_outputs`'s (2 for Cox, one per time bin for discrete time, the bins returned in the result),
+    and the epoch is selected on the validation C-index (``early_stopping`` auc/cindex) or survival loss.
+    """
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     model.to(device)
-    criterion = make_criterion(train_ds, model.config.n_classes, cfg, device)
+    edges = None
+    if cfg.task == "survival":
+        n_out, edges = survival_outputs(train_ds, cfg)
+        if model.config.n_classes != n_out:
+            raise ConfigError(f"a {cfg.survival_loss} survival model needs {n_out} outputs (n_classes), "
+                              f"not {model.config.n_classes}")
+        criterion: torch.nn.Module = SurvivalLoss(cfg.survival_loss, edges)
+    else:
+        criterion = make_criterion(train_ds, model.config.n_classes, cfg, device)
     weight = getattr(criterion, "weight", None)
     optimizer = make_optimizer(model, cfg)
     loader = make_loader(train_ds, cfg)
@@ -197,11 +308,22 @@ def train_model(model: MILModel, train_ds: Dataset, val_ds: Dataset | None, cfg:
         epochs = tqdm(epochs, desc="epochs", unit="epoch", leave=False)
     for epoch in epochs:
         record = {"epoch": epoch, "train_loss": train_epoch(model, loader, optimizer, criterion, device, epoch=epoch)}
-        if use_val:
+        if use_val and isinstance(criterion, SurvivalLoss):
+            spreds = predict_risk(model, val_ds, cfg.survival_loss, batch_size=cfg.batch_size, device=device)
+            record["val_loss"] = criterion.on_predictions(spreds)
+            record["val_c_index"] = _harrell(spreds)
+            score = record["val_c_index"] if cfg.early_stopping in ("auc", "cindex") else -record["val_loss"]
+            if math.isnan(score):  # no comparable pair in the validation set
+                score = -record["val_loss"]
+            if score > best_score:
+                best_state, best_epoch, best_score, stale = copy.deepcopy(model.state_dict()), epoch, score, 0
+            else:
+                stale += 1
+        elif use_val:
             preds = predict(model, val_ds, batch_size=cfg.batch_size, device=device)
             record["val_loss"] = _loss_on(model, preds, None if weight is None else weight.cpu())
             record["val_auc"] = auc_score(preds.targets, preds.probs)
-            score = record["val_auc"] if cfg.early_stopping == "auc" else -record["val_loss"]
+            score = record["val_auc"] if cfg.early_stopping in ("auc", "cindex") else -record["val_loss"]
             if math.isnan(score):  # AUC undefined on a one-class validation set: fall back to the loss
                 score = -record["val_loss"]
             if score > best_score:
@@ -215,11 +337,20 @@ def train_model(model: MILModel, train_ds: Dataset, val_ds: Dataset | None, cfg:
         model.load_state_dict(best_state)
     else:
         best_epoch = len(history) - 1
-    return TrainResult(model=model.eval(), best_epoch=best_epoch, history=history)
+    return TrainResult(model=model.eval(), best_epoch=best_epoch, history=history, bin_edges=edges)
+
+
+def _harrell(preds: SurvivalPredictions) -> float:
+    from wsi_fl.evaluation.survival import harrell_c  # scikit-survival: imported on use
+
+    return harrell_c(preds.time, preds.event, preds.risk)
 
 
 def concat_datasets(datasets: Sequence[Dataset]) -> Dataset:
     """Pool several sites' bag datasets (keeps ``targets`` for class weighting and splitting)."""
     pooled = torch.utils.data.ConcatDataset(datasets)
     pooled.targets = np.concatenate([_targets_of(d) for d in datasets])  # type: ignore[attr-defined]
+    if all(hasattr(d, "times") for d in datasets):  # survival bags: times, events and site strata too
+        for key in ("times", "events", "strata"):
+            setattr(pooled, key, np.concatenate([getattr(d, key) for d in datasets]))
     return pooled

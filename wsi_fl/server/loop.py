@@ -10,7 +10,9 @@ itself, because a hospital federation needs what happens between those calls:
   unchanged.
 * **Federated metrics** from summed histograms and confusion counts
   (:func:`~wsi_fl.server.replies.aggregate_evaluation`): the pooled AUC over
-  all sites' slides, while no per-slide score leaves a site.
+  all sites' slides, while no per-slide score leaves a site; for survival the
+  pooled C-index and time-dependent AUC from summed time x risk count grids
+  (:func:`~wsi_fl.server.replies.aggregate_survival_evaluation`).
 * **Checkpoints and resume.** After every round: ``state.pt`` (global weights,
   strategy state, round, best score), ``last.pt`` and, when the validation
   metric improves, ``best.pt`` (both in ``wsi-fl train``'s checkpoint format),
@@ -49,7 +51,13 @@ from wsi_fl.federation import arrays as fedarrays
 from wsi_fl.federation.config import MODEL_KEYS, FedConfig
 from wsi_fl.mil.config import SplitRecord
 from wsi_fl.privacy.central import KEY_DP_WEIGHT, PrivacyLedger, make_plan, set_sample_size, wrap_strategy
-from wsi_fl.server.replies import TRAIN_METRICS, aggregate_evaluation, screen_replies, summarise
+from wsi_fl.server.replies import (
+    TRAIN_METRICS,
+    aggregate_evaluation,
+    aggregate_survival_evaluation,
+    screen_replies,
+    summarise,
+)
 from wsi_fl.server.sites import FederationError, client_config, query_sites, wait_for_sites
 from wsi_fl.server.strategies import create_strategy, load_strategy_state, strategy_state
 
@@ -59,7 +67,8 @@ log = logging.getLogger("wsi_fl.server")
 
 #: Settings a resumed run must share with the run it continues (the rest, e.g. rounds, may change).
 _RESUME_KEYS = ("strategy", *MODEL_KEYS, "seed", "val-frac", "test-frac", "label-col", "dp", "dp-epsilon", "dp-delta",
-                "dp-noise-multiplier", "dp-clipping-norm", "dp-batch-size", "secagg")
+                "dp-noise-multiplier", "dp-clipping-norm", "dp-batch-size", "secagg", "task", "survival-loss",
+                "time-bins", "time-col", "event-col", "hist-time-min", "hist-time-max")
 #: ... and under slide-dpsgd also what each site's noise is calibrated over (its steps in the whole run).
 _RESUME_KEYS_DPSGD = ("num-server-rounds", "local-epochs")
 
@@ -74,9 +83,10 @@ class FedResult:
 
 def _score(metrics: dict[str, float], select_on: str) -> float:
     """Higher is better; without a validation split (``val-frac`` 0) every round beats the last."""
-    if select_on == "val-auc" and not math.isnan(metrics.get("val-auc", math.nan)):
-        return metrics["val-auc"]
-    if select_on in ("val-auc", "val-loss") and "val-loss" in metrics:
+    key = select_on  # val-auc, val-c-index
+    if key in ("val-auc", "val-c-index") and not math.isnan(metrics.get(key, math.nan)):
+        return metrics[key]
+    if select_on in ("val-auc", "val-c-index", "val-loss") and "val-loss" in metrics:
         return -metrics["val-loss"]
     return math.inf
 
@@ -270,7 +280,10 @@ class ServerRun:
         self.require_sites(grid, cfg.min_evaluate_nodes, f"round {server_round} evaluation")
         eval_messages = list(self.strategy.configure_evaluate(server_round, self.arrays, self.instruction(), grid))
         eval_replies = list(grid.send_and_receive(eval_messages, timeout=cfg.round_timeout))
-        row.update(aggregate_evaluation(eval_replies, len(self.classes), cfg.auc_bins))
+        if cfg.task == "survival":
+            row.update(aggregate_survival_evaluation(eval_replies, cfg))
+        else:
+            row.update(aggregate_evaluation(eval_replies, len(self.classes), cfg.auc_bins))
         row["seconds"] = round(time.perf_counter() - start, 3)
         self.round = server_round
         self.history.append(row)
@@ -290,7 +303,7 @@ def run_server(grid: Grid, cfg: FedConfig) -> FedResult:
     sites = query_sites(grid, cfg)
     log.info("federation: %d classes %s, %d-d features from %s", len(sites.classes), sites.classes,
              sites.feature_dim, sites.provenance.get("encoder"))
-    return drive(ServerRun(cfg, sites.classes, sites.feature_dim, sites.provenance,
+    return drive(ServerRun(cfg, cfg.outputs(sites.classes), sites.feature_dim, sites.provenance,
                            population=len(list(grid.get_node_ids()))), grid)
 
 

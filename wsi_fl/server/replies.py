@@ -6,7 +6,10 @@ bag count): each such reply is dropped here with its reason logged, so the
 round loop (:mod:`wsi_fl.server.loop`) aggregates only valid updates. The
 federated metrics are computed from summed histograms and confusion counts
 (:mod:`wsi_fl.federation.histograms`): the pooled AUC over all sites' slides,
-while no per-slide score leaves a site.
+while no per-slide score leaves a site. A survival run's sites send count grids
+instead (follow-up time x risk, events and censored; :mod:`wsi_fl.site.survival`):
+their sums give the pooled C-index and time-dependent AUC of every split
+(:func:`aggregate_survival_evaluation`).
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ import numpy as np
 from flwr.app import ArrayRecord, Message
 
 from wsi_fl.federation import arrays as fedarrays
+from wsi_fl.federation.config import FedConfig
 from wsi_fl.federation.histograms import confusion_metrics, histogram_auc
+from wsi_fl.federation.survival_histograms import agreed_edges, auc_horizon, histogram_c_index, histogram_time_auc
 
 log = logging.getLogger("wsi_fl.server")
 
@@ -100,6 +105,55 @@ def aggregate_evaluation(replies: list[Message], n_classes: int, bins: int) -> d
     return out
 
 
+def aggregate_survival_evaluation(replies: list[Message], cfg: FedConfig) -> dict[str, float]:
+    """Pooled survival metrics of the train, val and test splits from the sites' summed count grids.
+
+    Per split: ``-n``, ``-events``, ``-loss`` (Cox: the sum of the sites' partial log-likelihoods, each over its
+    own patients, per event; discrete: per patient), ``-c-index`` (Harrell's, binned) and ``-td-auc`` at
+    ``-td-auc-time`` (:mod:`wsi_fl.federation.survival_histograms`).
+    """
+    time_edges, _ = agreed_edges(cfg)
+    shape = (2, cfg.hist_time_bins, cfg.hist_risk_bins)
+    splits = ("train", "val", "test")
+    out: dict[str, float] = {"eval-replies": 0}
+    sums: dict[str, Any] = {}
+    for reply in replies:
+        if reply.has_error():
+            log.warning("site %s failed to evaluate: %s", reply.metadata.src_node_id, reply.error.reason)
+            continue
+        m = reply.content["metrics"]
+        try:
+            part: dict[str, Any] = {}
+            for split in splits:
+                hist = np.asarray(m[f"{split}-surv-hist"], dtype=np.int64).reshape(shape)
+                n, events, loss = int(m[f"{split}-n"]), int(m[f"{split}-events"]), float(m[f"{split}-loss-sum"])
+                if (hist < 0).any() or int(hist.sum()) != n or int(hist[0].sum()) != events or not math.isfinite(loss):
+                    raise ValueError(f"{split}: negative counts, counts that do not add up to {split}-n and "
+                                     f"{split}-events, or a non-finite loss")
+                part.update({f"{split}-hist": hist, f"{split}-n": n, f"{split}-events": events,
+                             f"{split}-loss-sum": loss})
+        except (KeyError, ValueError, TypeError) as err:
+            log.warning("rejected the evaluation of site %s: %s", reply.metadata.src_node_id, err)
+            continue
+        for key, value in part.items():
+            sums[key] = sums.get(key, 0) + value
+        out["eval-replies"] += 1
+    for split in splits:
+        n = sums.get(f"{split}-n", 0)
+        out[f"{split}-n"] = n
+        if not n:
+            continue
+        events, hist = sums[f"{split}-events"], sums[f"{split}-hist"]
+        out[f"{split}-events"] = events
+        out[f"{split}-loss"] = sums[f"{split}-loss-sum"] / max(events if cfg.survival_loss == "cox" else n, 1)
+        out[f"{split}-c-index"] = histogram_c_index(hist)
+        horizon = auc_horizon(hist, time_edges, cfg.td_auc_time)
+        if horizon is not None:
+            out[f"{split}-td-auc"] = histogram_time_auc(hist, time_edges, horizon)
+            out[f"{split}-td-auc-time"] = horizon
+    return out
+
+
 def summarise(row: dict[str, Any]) -> str:
     """One readable line per round for the log (``metrics.jsonl`` has everything)."""
     parts = [f"{row['aggregated']}/{row['sampled']} updates aggregated ({row['failed']} failed, "
@@ -107,7 +161,10 @@ def summarise(row: dict[str, Any]) -> str:
     if "train-loss" in row:
         parts.append(f"train loss {row['train-loss']:.3f}")
     for split in ("val", "test"):
-        if row.get(f"{split}-n"):
+        if row.get(f"{split}-n") and f"{split}-c-index" in row:
+            parts.append(f"{split} loss {row[f'{split}-loss']:.3f} C-index {row[f'{split}-c-index']:.3f} "
+                         f"(n={row[f'{split}-n']}, {row[f'{split}-events']} events)")
+        elif row.get(f"{split}-n"):
             parts.append(f"{split} loss {row[f'{split}-loss']:.3f} AUC {row[f'{split}-auc']:.3f} "
                          f"(n={row[f'{split}-n']})")
     if "bytes-per-client" in row:

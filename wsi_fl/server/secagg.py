@@ -192,4 +192,4 @@ def run_secagg_server(grid: Grid, cfg: FedConfig) -> FedResult:
     max_weight = max_weight_for(sites.train_sizes)
     log.info("federation (SecAgg+): %d classes %s, %d-d features; max weight %g", len(sites.classes), sites.classes,
              sites.feature_dim, max_weight)
-    return drive(SecAggRun(cfg, sites.classes, sites.feature_dim, sites.provenance, max_weight), grid)
+    return drive(SecAggRun(cfg, cfg.outputs(sites.classes), sites.feature_dim, sites.provenance, max_weight), grid)

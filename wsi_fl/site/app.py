@@ -13,7 +13,9 @@ ConfigRecord; see :data:`CLIENT_KEYS`), never by settings held here:
 * ``evaluate``: the global model on the site's validation and test splits,
   returned as counts only: per-class score histograms and a confusion matrix
   (:mod:`wsi_fl.federation.histograms`), plus the mean loss and number of slides. No slide id,
-  path, coordinate, per-slide score or patient id is ever in a reply.
+  path, coordinate, per-slide score or patient id is ever in a reply. A survival run
+  (``task = "survival"``, :mod:`wsi_fl.site.survival`) sends per split (train, val, test) two
+  count grids, follow-up time x risk, for the patients with the event and the censored, instead.
 
 Where the data is comes from the node config (:mod:`wsi_fl.site.data`). Every
 instruction passes the site's policy first and every message is written to the
@@ -53,6 +55,7 @@ from wsi_fl.site.clipping import clipping_mod
 from wsi_fl.site.data import SiteData, load_site, site_from_node_config
 from wsi_fl.site.guard import SiteGuard
 from wsi_fl.site.secagg import secagg_mod
+from wsi_fl.site.survival import SURVIVAL_SPLITS, survival_aggregates, survival_criterion
 
 log = logging.getLogger("wsi_fl.client")
 
@@ -71,8 +74,12 @@ def settings_from(config: ConfigRecord) -> tuple[FedConfig, tuple[str, ...] | No
 def site_data(context: Context, cfg: FedConfig, classes: tuple[str, ...] | None,
               cohort: str | Path | None) -> SiteData:
     site = site_from_node_config(context.node_config, cohort)
+    survival = (cfg.time_col, cfg.event_col) if cfg.task == "survival" else None
+    if survival is not None:  # the head's outputs, which the run config fixes
+        classes = tuple(cfg.outputs(()))
     return load_site(site, classes=classes, label_col=cfg.label_col, val_frac=cfg.val_frac,
-                     test_frac=cfg.test_frac, seed=cfg.seed, max_instances=cfg.max_instances or None)
+                     test_frac=cfg.test_frac, seed=cfg.seed, max_instances=cfg.max_instances or None,
+                     survival=survival)
 
 
 def save_optimizer_state(optimizer: torch.optim.Optimizer, context: Context) -> None:
@@ -121,7 +128,8 @@ def train(msg: Message, context: Context, cohort: str | Path | None = None) -> M
                                 "dp-epsilon": train_private(model, data, optimizer, cfg, server_round, context, device,
                                                             first_epoch=first_epoch, proximal_mu=mu, anchor=anchor)})
     else:
-        criterion = make_criterion(data.train, len(data.classes), train_cfg, device)
+        criterion = (survival_criterion(cfg) if cfg.task == "survival"
+                     else make_criterion(data.train, len(data.classes), train_cfg, device))
         loader = make_loader(data.train, replace(train_cfg, seed=cfg.seed + server_round))
         losses = [train_epoch(model, loader, optimizer, criterion, device, epoch=first_epoch + e, proximal_mu=mu,
                               anchor=anchor) for e in range(cfg.local_epochs)]
@@ -173,8 +181,12 @@ def evaluate(msg: Message, context: Context, cohort: str | Path | None = None) -
     model.load_state_dict(fedarrays.to_state_dict(msg.content["arrays"]))
     model.to(device).eval()
     metrics: dict = {}
-    for prefix, ds in (("val", data.val), ("test", data.test)):
-        metrics.update(split_aggregates(model, ds, prefix, len(data.classes), cfg.auc_bins, device))
+    if cfg.task == "survival":
+        for prefix in SURVIVAL_SPLITS:
+            metrics.update(survival_aggregates(model, getattr(data, prefix), prefix, cfg, device))
+    else:
+        for prefix, ds in (("val", data.val), ("test", data.test)):
+            metrics.update(split_aggregates(model, ds, prefix, len(data.classes), cfg.auc_bins, device))
     metrics["num-examples"] = max(metrics["val-n"] + metrics["test-n"], 1)
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 

@@ -17,6 +17,11 @@ their scores), no paths, slide or patient ids. Example::
 
 (For a reply, a metric's or info key's number is its size: 1 for a scalar, the length of a list.)
 
+A survival evaluation reply (``task = "survival"``) also gets, per split, what its two count grids hold:
+``"survival-histograms": {"test": {"grid": [2, 64, 64], "patients": 120, "events": 41}}``, the grid's shape (event
+and censored, time bins, risk bins) and how many patients and events were counted. That is what left the site,
+as counts; the grid's cells (which patient had which follow-up and risk, to a bin) are never logged.
+
 Where: node config ``audit-log``. Without it, ``wsi-fl-audit.jsonl`` in the
 site directory (the parent of ``data-path``), or, if that cannot be written
 (data mounted read-only), ``$XDG_STATE_HOME/wsi-fl/audit-<site-name>.jsonl``
@@ -45,6 +50,7 @@ AUDIT_FILE = "wsi-fl-audit.jsonl"
 _MAX_STR = 200  # longer config strings are cut: the log records settings, not payloads
 _MAX_LIST = 64  # longer config lists are logged by size only
 _warned: set[str] = set()
+SURVIVAL_HIST = "-surv-hist"  # the metric key suffix of a split's survival histograms (wsi_fl.site.survival)
 
 
 class AuditError(OSError):
@@ -153,9 +159,27 @@ def sent(msg: Message, reply: Message, node_id: int, suppressed: list[str] | Non
     if reply.has_error():  # a handler that answered with an error reply rather than raising
         return {**entry, "reason": reply.error.reason}
     entry["content"] = describe(reply.content, settings=False)
+    counts = survival_counts(msg, reply)
+    if counts:
+        entry["survival-histograms"] = counts
     if suppressed:
         entry["suppressed"] = suppressed
     return entry
+
+
+def survival_counts(msg: Message, reply: Message) -> dict[str, dict[str, Any]]:
+    """Per split of a survival evaluation reply: the grid's shape and the patients and events it counts."""
+    config = msg.content.config_records.get("config", {}) if msg.has_content() else {}
+    out: dict[str, dict[str, Any]] = {}
+    for record in reply.content.metric_records.values():
+        for key, value in record.items():
+            if not (key.endswith(SURVIVAL_HIST) and isinstance(value, list)):
+                continue
+            half = len(value) // 2  # [events grid, censored grid], each time bins x risk bins
+            grid = [2, config.get("hist-time-bins"), config.get("hist-risk-bins")]
+            out[key[: -len(SURVIVAL_HIST)]] = {"grid": grid, "patients": int(sum(value)),
+                                               "events": int(sum(value[:half]))}
+    return out
 
 
 def refused(msg: Message, node_id: int, reason: str, *, error: str | None = None) -> dict[str, Any]:

@@ -12,6 +12,11 @@ subdirectory per site holding ``labels.csv`` and ``features/`` (the layout
 The split is the one :func:`wsi_fl.mil.fit.fit` makes for the same site, seed and
 fractions, so federated, pooled and local models are tested on the same slides.
 Loaded sites are cached per process (bags stay in memory across rounds).
+
+A survival site (``task = "survival"``) has ``slide_id,<time-col>,<event-col>[,patient_id][,split]`` labels:
+its records carry the time and event (:func:`wsi_fl.mil.fit.load_site_survival_records`), their label is
+the event, so splits are stratified by event status, and every bag is of stratum 0 (Cox risk sets never leave
+the site's batch).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from wsi_fl.errors import ConfigError
-from wsi_fl.mil.fit import Site, assign_splits, build_dataset, load_site_records
+from wsi_fl.mil.fit import Site, assign_splits, build_dataset, load_site_records, load_site_survival_records
 
 
 class SiteConfigError(ConfigError):
@@ -79,9 +84,16 @@ def site_from_node_config(node_config: Mapping[str, Any], cohort: str | Path | N
 
 @lru_cache(maxsize=8)
 def load_site(site: Site, *, classes: tuple[str, ...] | None, label_col: str, val_frac: float, test_frac: float,
-              seed: int, max_instances: int | None) -> SiteData:
-    """The site's bag datasets per split (``classes``: the federation's class mapping, else the site's own)."""
-    pairs, site_classes = load_site_records([site], label_col, classes)
+              seed: int, max_instances: int | None, survival: tuple[str, str] | None = None) -> SiteData:
+    """The site's bag datasets per split (``classes``: the federation's class mapping, else the site's own).
+
+    ``survival``: ``(time_col, event_col)`` for a survival site; its ``classes`` are then the model's outputs
+    (:meth:`wsi_fl.federation.config.FedConfig.outputs`, as the server sends them) and its bags carry times.
+    """
+    if survival is not None:
+        pairs, site_classes = load_site_survival_records([site], *survival), list(classes or ())
+    else:
+        pairs, site_classes = load_site_records([site], label_col, classes)
     splits = assign_splits([r for _, r in pairs], val_frac, test_frac, seed)
     empty = np.zeros(0, dtype=int)
     train = build_dataset(pairs, splits["train"], max_instances=max_instances, seed=seed)

@@ -16,6 +16,7 @@ hyphenated, as in the run config::
     require-dp = true
     min-noise-multiplier = 0.8
     allow-site-metrics = true
+    allow-survival-histograms = false
     min-eval-slides = 10
     superlink = ["fl.example-consortium.org:8000"]
 
@@ -104,6 +105,12 @@ class SitePolicy:
                 "histograms and confusion counts, from which the server can compute this site's own AUC and "
                 "accuracy, and nothing in this project aggregates evaluations securely. Training works "
                 "without it; the federation then has no validation or test metric from this site"})
+    allow_survival_histograms: bool = field(default=False, metadata={
+        "help": "answer the evaluate instructions of survival runs (task = 'survival'; also needs "
+                "allow-site-metrics). Off by default: such a reply is two count grids per split, follow-up time x "
+                "predicted risk, for the patients with the event and the censored: from them the server can "
+                "compute this site's own C-index and, to the width of a time bin, how long its patients were "
+                "followed and when they had their events, which a classification histogram does not reveal"})
     min_eval_slides: int = field(default=10, metadata={
         "help": "small-cell suppression: a split with fewer slides than this is reported as empty (zero counts), "
                 "since a score histogram of a few slides is close to their individual scores"})
@@ -171,7 +178,7 @@ def rehearsal_policy() -> SitePolicy:
     to report; their data are synthetic or already held by whoever runs the server, so there is no patient to
     protect. Evaluation is allowed so that the rehearsal shows the federated metrics.
     """
-    return SitePolicy(min_train_bags=1, min_eval_slides=1, allow_site_metrics=True)
+    return SitePolicy(min_train_bags=1, min_eval_slides=1, allow_site_metrics=True, allow_survival_histograms=True)
 
 
 def load_policy(path: str | Path) -> SitePolicy:
@@ -262,6 +269,9 @@ def check_instruction(policy: SitePolicy, message_type: str, config: Mapping[str
         _refuse(f"this site has {facts.train_bags} training bags, fewer than min-train-bags {policy.min_train_bags}")
     if kind == MessageType.EVALUATE and not policy.allow_site_metrics:
         _refuse("allow-site-metrics is false: this site does not report evaluation metrics")
+    if kind == MessageType.EVALUATE and settings["task"] == "survival" and not policy.allow_survival_histograms:
+        _refuse("allow-survival-histograms is false: this site does not report survival histograms "
+                "(follow-up time x risk counts)")
 
 
 def noise_in_force(settings: Mapping[str, Any], train_bags: int | None) -> float | None:
@@ -286,17 +296,19 @@ def noise_in_force(settings: Mapping[str, Any], train_bags: int | None) -> float
 def suppress_small_splits(metrics: Mapping[str, Any], min_slides: int) -> tuple[dict[str, Any], list[str]]:
     """An evaluation reply's metrics with every split of fewer than ``min_slides`` slides emptied; those splits.
 
-    An emptied split looks like one without slides (:func:`wsi_fl.site.app.split_aggregates`: zero counts and
-    loss), so the server's sums stay well-formed and simply do not include it.
+    An emptied split looks like one without slides (:func:`wsi_fl.site.app.split_aggregates`,
+    :func:`wsi_fl.site.survival.empty_split`: zero counts and loss), so the server's sums stay well-formed and
+    simply do not include it. Every value of the split is emptied, whatever the task: its counts (score or
+    survival histograms, confusion matrix, events) and its loss.
     """
     out, suppressed = dict(metrics), []
-    for split in ("val", "test"):
+    for split in ("train", "val", "test"):
         n = out.get(f"{split}-n", 0)
         if 0 < n < min_slides:
             suppressed.append(split)
-            out[f"{split}-n"], out[f"{split}-loss-sum"] = 0, 0.0
-            for key in (f"{split}-hist", f"{split}-confusion"):
-                out[key] = [0] * len(out[key])
+            for key in [k for k in out if k.startswith(f"{split}-")]:
+                value = out[key]
+                out[key] = [0] * len(value) if isinstance(value, list) else 0.0 if isinstance(value, float) else 0
     if suppressed and "num-examples" in out:
         out["num-examples"] = max(out.get("val-n", 0) + out.get("test-n", 0), 1)
     return out, suppressed
