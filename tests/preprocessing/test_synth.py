@@ -338,5 +338,5 @@ def test_shortcut_validation_and_presets():
     with pytest.raises(ValueError, match="shortcut"):
         SynthConfig(shortcut_site=-1)
     realistic = PRESETS["realistic"]
-    assert realistic.shortcut_site == 1 and realistic.shortcut_strength > 0  # the large centre, as the demo needs
+    assert realistic.shortcut_site == 3 and realistic.shortcut_strength > 0  # the small centre, as the demo needs
     assert PRESETS["default"].shortcut_site == 0
