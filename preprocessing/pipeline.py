@@ -344,7 +344,8 @@ def _stream(tasks: Sequence[SlideTask], cfg: PreprocessConfig, encoder: Encoder,
                     output = None
                     if current is not None:
                         current[:] = []
-                    assert result is not None
+                    if result.status == "failed":  # failed at planning (no MPP, unreadable...): said as it happens
+                        log(f"FAILED {result.error}")
                     yield result
             except SLIDE_ERRORS as err:
                 if output is not None:
