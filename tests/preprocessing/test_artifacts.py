@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from artifactsites import artifact_boxes, coverage
 from sklearn.metrics import roc_auc_score
 
 from preprocessing.artifacts import (
@@ -24,35 +25,13 @@ from preprocessing.synth import PRESETS, generate_cohort
 from preprocessing.tiling import tile_coordinates
 from preprocessing.tissue import TissueParams, compute_tissue_mask
 
-# Realistic preset, small slides, every slide with a pen stroke, a fold and a blurred patch.
-CFG = replace(
-    PRESETS["realistic"], size_range=(1800, 2200), min_region_side=256,
-    pen_strokes=(1, 2), folds=(1, 1), blur_patches=(1, 2),
-)
-
-
-def coverage(coords: np.ndarray, tile: float, boxes: list[tuple[int, int, int, int]], dims) -> np.ndarray:
-    """Fraction of each tile's area inside the union of ``boxes`` (rasterised at 4 px)."""
-    m = np.zeros((dims[1] // 4 + 1, dims[0] // 4 + 1), bool)
-    for x0, y0, x1, y1 in boxes:
-        m[y0 // 4 : (y1 + 3) // 4, x0 // 4 : (x1 + 3) // 4] = True
-    t = int(tile) // 4
-    return np.array([m[int(y) // 4 : int(y) // 4 + t, int(x) // 4 : int(x) // 4 + t].mean() for x, y in coords])
-
 
 @pytest.fixture(scope="module")
-def slides(tmp_path_factory):
+def slides(artifact_slides):
     """Per slide: tiles of the default pen-removing mask, the same without pen removal, QC measures, boxes."""
-    out = tmp_path_factory.mktemp("realistic")
-    generate_cohort(out, sites=3, slides_per_site=1, seed=2, config=CFG, progress=False)
     result = []
-    for path in sorted(out.glob("*/slides/*.tiff")):
-        with open(path.parent.parent / "artifacts.csv", newline="") as f:
-            rows = [r for r in csv.DictReader(f) if r["slide_id"] == path.stem]
-        boxes = {
-            kind: [tuple(int(r[k]) for k in ("x0", "y0", "x1", "y1")) for r in rows if r["kind"].startswith(kind)]
-            for kind in ("pen", "fold", "blur")
-        }
+    for path in artifact_slides:
+        boxes = artifact_boxes(path)
         with open_slide(path) as slide:
             tm = compute_tissue_mask(slide)
             grid = tile_coordinates(slide, tm)

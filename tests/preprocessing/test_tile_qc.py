@@ -6,50 +6,29 @@ shared real slides check that clean tissue still yields tiles.
 
 from __future__ import annotations
 
-import csv
 import json
-from dataclasses import replace
 
 import h5py
 import numpy as np
 import pytest
+from artifactsites import artifact_boxes, coverage
 from PIL import Image
 
 from preprocessing.artifacts import REASONS
 from preprocessing.h5format import check_feature_file, read_features, read_qc, stale_reason
 from preprocessing.qc import EXCLUDED_RGB
-from preprocessing.synth import PRESETS, generate_cohort
 from wsi_fl.cli import main
 
 FAST = ["--encoder", "resnet18_trunc", "--random-init", "--quiet"]
-# Realistic preset, small slides, each with pen strokes, a fold and blurred patches (as test_artifacts).
-CFG = replace(PRESETS["realistic"], size_range=(1800, 2200), min_region_side=256,
-              pen_strokes=(1, 2), folds=(1, 1), blur_patches=(1, 2))
-
-
-def coverage(coords: np.ndarray, tile: float, boxes: list[tuple[int, int, int, int]], dims) -> np.ndarray:
-    """Fraction of each tile's area inside the union of ``boxes`` (rasterised at 4 px)."""
-    m = np.zeros((dims[1] // 4 + 1, dims[0] // 4 + 1), bool)
-    for x0, y0, x1, y1 in boxes:
-        m[y0 // 4 : (y1 + 3) // 4, x0 // 4 : (x1 + 3) // 4] = True
-    t = int(tile) // 4
-    return np.array([m[int(y) // 4 : int(y) // 4 + t, int(x) // 4 : int(x) // 4 + t].mean() for x, y in coords])
-
-
 @pytest.fixture(scope="module")
-def realistic(tmp_path_factory):
+def realistic(tmp_path_factory, artifact_slides):
     """Three sites' slides with artifacts, preprocessed once with the default QC; per slide: kept/excluded/boxes."""
-    root = tmp_path_factory.mktemp("realistic")
-    generate_cohort(root / "cohort", sites=3, slides_per_site=1, seed=2, config=CFG, progress=False)
-    slides = sorted((root / "cohort").glob("*/slides/*.tiff"))
-    out = root / "out"
+    slides = artifact_slides
+    out = tmp_path_factory.mktemp("realistic") / "out"
     assert main(["preprocess", "--slides", *map(str, slides), "--out", str(out), *FAST]) == 0
     per_slide = []
     for path in slides:
-        with open(path.parent.parent / "artifacts.csv", newline="") as f:
-            rows = [r for r in csv.DictReader(f) if r["slide_id"] == path.stem]
-        boxes = {kind: [tuple(int(r[k]) for k in ("x0", "y0", "x1", "y1")) for r in rows if r["kind"].startswith(kind)]
-                 for kind in ("pen", "fold", "blur")}
+        boxes = artifact_boxes(path)
         h5 = out / "features" / f"{path.stem}.h5"
         _, coords, attrs = read_features(h5)
         qc = read_qc(h5)
