@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -70,30 +71,46 @@ def screen_replies(replies: list[Message], reference: ArrayRecord, transport: st
     return valid, failed, rejected, sent
 
 
-def aggregate_evaluation(replies: list[Message], n_classes: int, bins: int) -> dict[str, float]:
-    """Pooled metrics of the val and test splits from the sites' summed counts."""
-    out: dict[str, float] = {"eval-replies": 0}
-    hist_shape = (1 if n_classes == 2 else n_classes, 2, bins)
+def _summed_counts(replies: list[Message], parse: Callable[[Any], dict[str, Any]]) -> tuple[dict[str, Any], int]:
+    """The sum over valid evaluation replies of ``parse(metrics)`` (a dict of counts), and how many were valid.
+
+    ``parse`` raises KeyError, ValueError or TypeError for a reply that is malformed; such a reply is logged and
+    left out whole, so none of its splits reaches the sums.
+    """
     sums: dict[str, Any] = {}
+    valid = 0
     for reply in replies:
         if reply.has_error():
             log.warning("site %s failed to evaluate: %s", reply.metadata.src_node_id, reply.error.reason)
             continue
-        m = reply.content["metrics"]
         try:
-            for split in ("val", "test"):
-                hist = np.asarray(m[f"{split}-hist"], dtype=np.int64).reshape(hist_shape)
-                cm = np.asarray(m[f"{split}-confusion"], dtype=np.int64).reshape(n_classes, n_classes)
-                if (hist < 0).any() or (cm < 0).any() or not math.isfinite(m[f"{split}-loss-sum"]):
-                    raise ValueError("negative counts or non-finite loss")
-                sums[f"{split}-hist"] = sums.get(f"{split}-hist", 0) + hist
-                sums[f"{split}-confusion"] = sums.get(f"{split}-confusion", 0) + cm
-                sums[f"{split}-n"] = sums.get(f"{split}-n", 0) + int(m[f"{split}-n"])
-                sums[f"{split}-loss-sum"] = sums.get(f"{split}-loss-sum", 0.0) + float(m[f"{split}-loss-sum"])
+            part = parse(reply.content["metrics"])
         except (KeyError, ValueError, TypeError) as err:
             log.warning("rejected the evaluation of site %s: %s", reply.metadata.src_node_id, err)
             continue
-        out["eval-replies"] += 1
+        for key, value in part.items():
+            sums[key] = sums.get(key, 0) + value
+        valid += 1
+    return sums, valid
+
+
+def aggregate_evaluation(replies: list[Message], n_classes: int, bins: int) -> dict[str, float]:
+    """Pooled metrics of the val and test splits from the sites' summed counts."""
+    hist_shape = (1 if n_classes == 2 else n_classes, 2, bins)
+
+    def parse(m: Any) -> dict[str, Any]:
+        part: dict[str, Any] = {}
+        for split in ("val", "test"):
+            hist = np.asarray(m[f"{split}-hist"], dtype=np.int64).reshape(hist_shape)
+            cm = np.asarray(m[f"{split}-confusion"], dtype=np.int64).reshape(n_classes, n_classes)
+            if (hist < 0).any() or (cm < 0).any() or not math.isfinite(m[f"{split}-loss-sum"]):
+                raise ValueError("negative counts or non-finite loss")
+            part.update({f"{split}-hist": hist, f"{split}-confusion": cm, f"{split}-n": int(m[f"{split}-n"]),
+                         f"{split}-loss-sum": float(m[f"{split}-loss-sum"])})
+        return part
+
+    sums, valid = _summed_counts(replies, parse)
+    out: dict[str, float] = {"eval-replies": valid}
     for split in ("val", "test"):
         n = sums.get(f"{split}-n", 0)
         out[f"{split}-n"] = n
@@ -115,29 +132,21 @@ def aggregate_survival_evaluation(replies: list[Message], cfg: FedConfig) -> dic
     time_edges, _ = agreed_edges(cfg)
     shape = (2, cfg.hist_time_bins, cfg.hist_risk_bins)
     splits = ("train", "val", "test")
-    out: dict[str, float] = {"eval-replies": 0}
-    sums: dict[str, Any] = {}
-    for reply in replies:
-        if reply.has_error():
-            log.warning("site %s failed to evaluate: %s", reply.metadata.src_node_id, reply.error.reason)
-            continue
-        m = reply.content["metrics"]
-        try:
-            part: dict[str, Any] = {}
-            for split in splits:
-                hist = np.asarray(m[f"{split}-surv-hist"], dtype=np.int64).reshape(shape)
-                n, events, loss = int(m[f"{split}-n"]), int(m[f"{split}-events"]), float(m[f"{split}-loss-sum"])
-                if (hist < 0).any() or int(hist.sum()) != n or int(hist[0].sum()) != events or not math.isfinite(loss):
-                    raise ValueError(f"{split}: negative counts, counts that do not add up to {split}-n and "
-                                     f"{split}-events, or a non-finite loss")
-                part.update({f"{split}-hist": hist, f"{split}-n": n, f"{split}-events": events,
-                             f"{split}-loss-sum": loss})
-        except (KeyError, ValueError, TypeError) as err:
-            log.warning("rejected the evaluation of site %s: %s", reply.metadata.src_node_id, err)
-            continue
-        for key, value in part.items():
-            sums[key] = sums.get(key, 0) + value
-        out["eval-replies"] += 1
+
+    def parse(m: Any) -> dict[str, Any]:
+        part: dict[str, Any] = {}
+        for split in splits:
+            hist = np.asarray(m[f"{split}-surv-hist"], dtype=np.int64).reshape(shape)
+            n, events, loss = int(m[f"{split}-n"]), int(m[f"{split}-events"]), float(m[f"{split}-loss-sum"])
+            if (hist < 0).any() or int(hist.sum()) != n or int(hist[0].sum()) != events or not math.isfinite(loss):
+                raise ValueError(f"{split}: negative counts, counts that do not add up to {split}-n and "
+                                 f"{split}-events, or a non-finite loss")
+            part.update({f"{split}-hist": hist, f"{split}-n": n, f"{split}-events": events,
+                         f"{split}-loss-sum": loss})
+        return part
+
+    sums, valid = _summed_counts(replies, parse)
+    out: dict[str, float] = {"eval-replies": valid}
     for split in splits:
         n = sums.get(f"{split}-n", 0)
         out[f"{split}-n"] = n
