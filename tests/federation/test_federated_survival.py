@@ -131,6 +131,20 @@ def test_discrete_time_federation_runs(survival_cohort, tmp_path):
     assert 0.0 <= row["test-c-index"] <= 1.0 and row["eval-replies"] == 3
 
 
+def test_discrete_time_trains_under_slide_dpsgd(survival_cohort, tmp_path):
+    """The discrete-time loss is a sum of per-slide terms, so each site trains it with DP-SGD and reports its ε."""
+    cfg = survival_cfg(tmp_path / "run", survival_loss="discrete", time_bins=4, num_server_rounds=2,
+                       hist_risk_min=0.0, hist_risk_max=0.0, dp="slide-dpsgd", dp_epsilon=8.0, dp_batch_size=4)
+    g = grid(survival_cohort, tmp_path)
+    history = run_server(g, cfg).history
+    assert [row["aggregated"] for row in history] == [3, 3] and 0.0 <= history[-1]["test-c-index"] <= 1.0
+    trained = [m.content["metrics"] for m in g.sent if not m.has_error() and "arrays" in m.content.array_records]
+    assert len(trained) == 6
+    spent = [float(m["dp-epsilon"]) for m in trained]
+    assert all(0 < e <= 8.0 * (1 + 1e-6) for e in spent)  # within each site's plan, which the whole run spends
+    assert all("train-loss" not in m for m in trained)  # the loss is not private, so it is not sent
+
+
 def test_site_policy_refuses_survival_histograms(survival_cohort, tmp_path):
     policy = tmp_path / "policy.toml"
     policy.write_text("allow-site-metrics = true\nallow-survival-histograms = false\nmin-train-bags = 1\n"

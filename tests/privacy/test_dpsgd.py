@@ -16,7 +16,7 @@ from wsi_fl.engines.inline import InlineGrid
 from wsi_fl.federation import arrays as fedarrays
 from wsi_fl.federation.config import FedConfig
 from wsi_fl.mil.data import Bag
-from wsi_fl.mil.training import BagCrossEntropy
+from wsi_fl.mil.training import BagCrossEntropy, SurvivalLoss
 from wsi_fl.privacy import central as privacy
 from wsi_fl.privacy import dpsgd
 from wsi_fl.server.loop import FederationError, client_config, run_server
@@ -94,6 +94,32 @@ def test_each_bags_gradient_is_clipped_to_the_norm():
     dpsgd.private_step(model, [big, bag(30, 16, 0, scale=50.0, seed=1)], BagCrossEntropy(),
                        plan(clipping_norm=0.01), 4.0, dpsgd.secret_generator(), torch.device("cpu"))
     assert grad_vector(model).norm().item() <= 2 * 0.01 / 4.0 * (1 + 1e-4)
+
+
+def test_discrete_time_survival_gradients_are_clipped_per_slide_and_cox_is_refused():
+    """Survival under DP-SGD: each slide's discrete-time term is its own gradient, clipped like a class bag's."""
+    edges = np.array([0.0, 2.0, 4.0, 6.0, 8.0])
+    model = create_model(MILConfig(in_dim=16, n_classes=4, hidden_dim=32, attn_dim=16, dropout=0.0))
+    slides = [Bag(features=bag(20, 16, 0, scale=20.0, seed=k).features, target=0, slide_id=f"s{k}", time=t, event=e)
+              for k, (t, e) in enumerate([(1.5, True), (7.0, False)])]
+    loss = SurvivalLoss("discrete", edges)
+    dpsgd.private_step(model, slides[:1], loss, plan(clipping_norm=1e6), 1.0, dpsgd.secret_generator(),
+                       torch.device("cpu"))
+    raw = grad_vector(model).clone()
+    assert raw.norm() > 1e-3
+    dpsgd.private_step(model, slides[:1], loss, plan(clipping_norm=1e-4), 1.0, dpsgd.secret_generator(),
+                       torch.device("cpu"))
+    assert grad_vector(model).norm().item() == pytest.approx(1e-4, rel=1e-4)
+    # Unclipped, two slides' step is the sum of their own steps: the loss is separable.
+    dpsgd.private_step(model, slides[1:], loss, plan(clipping_norm=1e6), 1.0, dpsgd.secret_generator(),
+                       torch.device("cpu"))
+    other = grad_vector(model).clone()
+    dpsgd.private_step(model, slides, loss, plan(clipping_norm=1e6), 1.0, dpsgd.secret_generator(),
+                       torch.device("cpu"))
+    assert torch.allclose(grad_vector(model), raw + other, atol=1e-6)
+    with pytest.raises(ValueError, match="per-slide terms"):
+        dpsgd.private_step(model, slides, SurvivalLoss("cox"), plan(), 1.0, dpsgd.secret_generator(),
+                           torch.device("cpu"))
 
 
 def test_the_noise_has_the_planned_standard_deviation():

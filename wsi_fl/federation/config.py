@@ -224,9 +224,6 @@ class FedConfig:
         from wsi_fl.mil.survival import check_dp_compatible  # one rule for local and federated training
 
         check_dp_compatible(self.survival_loss, self.dp == "slide-dpsgd")
-        if self.dp == "slide-dpsgd":  # the sites' DP-SGD step (wsi_fl.privacy.dpsgd) scores class labels only
-            raise ConfigError("run config dp = 'slide-dpsgd' is not available for federated survival yet: use central "
-                              "DP (dp = 'client-fixed' ...), which protects a site's whole update")
 
     def effective_batch_size(self) -> int:
         """``batch-size``, or for 0 (auto) 1 bag per step, and :data:`COX_BATCH` for Cox survival."""

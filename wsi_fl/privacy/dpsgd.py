@@ -27,7 +27,9 @@ spent (``dp-epsilon``) with each update.
 Assumptions and limits (also in ``docs/threat-model.md``): a site's number of
 training slides is treated as public (it is sent as ``num-examples``, which
 FedAvg weights by); the mean training loss is not sent (it is not private);
-class weights are off (they depend on every bag's label); a patient with ``k``
+class weights are off (they depend on every bag's label); survival runs use the
+discrete-time loss, a sum of per-slide terms on the agreed bins (Cox's terms
+depend on whole risk sets and are refused); a patient with ``k``
 training slides at a site is protected at group level ``k``; evaluation
 metrics are outside DP; the guarantee covers one run (each site's privacy
 ledger, :mod:`wsi_fl.site.ledger`, adds up runs and enforces a lifetime budget).
@@ -47,7 +49,7 @@ from torch.utils.data import Dataset
 from models import MILModel
 from wsi_fl.federation.config import FedConfig
 from wsi_fl.mil.data import collate_bags
-from wsi_fl.mil.training import set_epoch
+from wsi_fl.mil.training import SurvivalLoss, set_epoch
 from wsi_fl.privacy.central import bisect_noise
 
 #: Integer Rényi orders: dp-accounting's fractional orders below 2 fail to converge for sampling rates of a few
@@ -132,11 +134,16 @@ def private_step(model: MILModel, bags: Sequence, criterion: torch.nn.Module, pl
     """Set ``.grad`` of ``model``'s parameters to the noisy mean of the sampled bags' clipped gradients."""
     params = [p for p in model.parameters() if p.requires_grad]
     total = [torch.zeros_like(p) for p in params]
+    # A survival loss is called on the batch (time, event); only the discrete-time one is separable per slide, so
+    # only it gets here (``check_dp_compatible``): on a batch of one bag it is that slide's own term.
+    survival = isinstance(criterion, SurvivalLoss)
+    if survival and criterion.kind != "discrete":
+        raise ValueError(f"DP-SGD needs a loss that is a sum of per-slide terms, not the {criterion.kind!r} loss")
     for item in bags:
         batch = collate_bags([item])
         x, mask, y = batch.x.to(device), batch.mask.to(device), batch.targets.to(device)
-        out = model(x, mask, labels=y)
-        loss = criterion(out.logits, y)
+        out = model(x, mask, labels=None if survival else y)
+        loss = criterion(out.logits, batch) if survival else criterion(out.logits, y)
         if out.aux_loss is not None:
             loss = loss + out.aux_loss
         grads = torch.autograd.grad(loss, params, allow_unused=True)

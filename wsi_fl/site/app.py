@@ -149,7 +149,8 @@ def train_private(model: MILModel, data: SiteData, optimizer: torch.optim.Optimi
     counted = int(context.state[_DPSGD_STATE]["steps"]) if _DPSGD_STATE in context.state else 0
     done = dpsgd.steps_done(server_round, counted, plan)
     dpsgd.check_budget(done, plan)
-    dpsgd.train_round(model, data.train, optimizer, BagCrossEntropy(), plan, device, **kwargs)
+    criterion = survival_criterion(cfg) if cfg.task == "survival" else BagCrossEntropy()
+    dpsgd.train_round(model, data.train, optimizer, criterion, plan, device, **kwargs)
     context.state[_DPSGD_STATE] = ConfigRecord({"steps": done + plan.steps_per_round})
     spent = plan.epsilon(done + plan.steps_per_round)
     log.info("round %d: slide-level DP-SGD, %d steps (noise multiplier %.3g, sampling rate %.3g, clipping norm %g); "
