@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 
 from wsi_fl.mil.data import BagRecord, TableBagDataset
 from wsi_fl.mil.splits import (
     assert_patient_disjoint,
+    labels_digest,
     patient_kfold,
     splits_from_column,
     train_val_split,
@@ -168,3 +171,16 @@ def test_site_fold_indices_never_train_on_the_held_out_site():
         site_fold_indices(sites, "d")
     with pytest.raises(ConfigError, match="leaves nothing to train on"):
         site_fold_indices(["a", "a"], "a")
+
+
+def test_labels_digest_sees_a_survival_time_change_and_keeps_classification_digests():
+    cls = [BagRecord("s1", "pos", 1, "p1", None), BagRecord("s0", "neg", 0, "p0", "test")]
+    h = hashlib.sha256()
+    for line in ("s0\tneg\tp0\ttest\n", "s1\tpos\tp1\t\n"):  # the format checkpoints already hold
+        h.update(line.encode())
+    assert labels_digest(cls) == f"sha256:{h.hexdigest()}"
+    surv = [BagRecord("s0", "1", 1, "p0", None, time=12.5, event=True),
+            BagRecord("s1", "0", 0, "p1", None, time=40.0, event=False)]
+    moved = [surv[0], BagRecord("s1", "0", 0, "p1", None, time=41.0, event=False)]
+    assert labels_digest(surv) != labels_digest(moved)  # the event is the label; the time must count too
+    assert labels_digest(surv) == labels_digest(list(reversed(surv)))

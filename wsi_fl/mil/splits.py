@@ -227,8 +227,13 @@ def drop_empty_slides(records: Sequence[BagRecord], features_dir: Path,
 
 
 def labels_digest(records: Sequence[BagRecord]) -> str:
-    """A digest of what a site's split is drawn from (slide, label, patient, split of each labelled slide)."""
+    """A digest of what a site's split is drawn from (slide, label, patient, split of each labelled slide).
+
+    A survival record's label is its event, so its follow-up time joins the line: a site whose times changed
+    since training is told so, not told its labels are unchanged. Classification digests are as before.
+    """
     h = hashlib.sha256()
     for r in sorted(records, key=lambda r: r.slide_id):
-        h.update("\t".join((r.slide_id, r.label, r.patient_id, r.split or "")).encode() + b"\n")
+        fields = (r.slide_id, r.label, r.patient_id, r.split or "", *(() if r.time is None else (repr(float(r.time)),)))
+        h.update("\t".join(fields).encode() + b"\n")
     return f"sha256:{h.hexdigest()}"
