@@ -2,7 +2,9 @@
 
 ``--preset default`` is the quick, clean cohort (a clear signal every model finds); ``--preset realistic``
 is what multi-hospital pathology looks like to a model (a weak signal, unequal centres, scanner
-differences, artefacts, a colour shortcut at the large site): the cohort of ``wsi-fl demo``.
+differences, artefacts, a colour shortcut at the small site 3): the cohort of ``wsi-fl demo``.
+``--task survival`` also draws each patient's follow-up time and event (``labels.csv`` gains ``time,event``;
+the hazard rises with responder status and the planted tumour area, censoring is independent of both).
 ``--shortcut-site K --shortcut-strength S`` sets (or, with 0, removes) the site-specific colour
 shortcut on either preset: responders of site K stained S × darker, a cue a model of that site alone
 learns and that does not transfer.
