@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from bagsites import DIM, _attrs
 from flwr.app import Message, MessageType, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
 from sksurv.metrics import concordance_index_censored
 
 from models.checkpoint import load_checkpoint
@@ -174,6 +175,9 @@ def test_cox_under_slide_dpsgd_is_refused_in_one_line():
 
 
 def _reply(metrics: dict) -> Message:
+    # A message built outside a run needs Flower's task identity, which the in-process grid sets when it runs:
+    # without this, these tests passed only after a federation test of this module had run first.
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), dst_node_id=0, message_type=MessageType.EVALUATE)
 
 
@@ -203,3 +207,25 @@ def test_server_sums_site_grids_and_rejects_inconsistent_counts():
     small, suppressed = suppress_small_splits(bad, 15)
     assert suppressed == ["test"] and small["test-surv-hist"] == [0] * len(bad["test-surv-hist"])
     assert small["test-events"] == 0 and small["train-n"] == 15
+
+
+def test_server_warns_when_risks_fall_off_the_agreed_axis(caplog):
+    """Risks beyond the agreed axis tie in its end bins: the C-index reads 0.5, and the server says why."""
+    cfg = FedConfig(task="survival", hist_time_max=T_MAX, hist_time_bins=16, hist_risk_bins=32)  # risk axis -5..5
+    rng = np.random.default_rng(1)
+    t, e = rng.uniform(0.5, T_MAX, 40), rng.random(40) < 0.6
+    good = -t + rng.normal(0, 0.3, 40)  # earlier events, higher risk: well ordered, inside -10..0 is not
+    edges = agreed_edges(cfg)
+
+    def reply(risk):
+        h = survival_histograms(t, e, risk, *edges).ravel().tolist()
+        return _reply({f"{s}-{k}": v for s in ("train", "val", "test") for k, v in
+                       (("n", 40), ("events", int(e.sum())), ("loss-sum", 1.0), ("surv-hist", h))})
+
+    with caplog.at_level("WARNING", logger="wsi_fl.server"):
+        inside = aggregate_survival_evaluation([reply(good / 2 + 2.5)], cfg)  # within -5..5
+    assert inside["test-c-index"] > 0.8 and inside["test-risk-at-ends"] < 0.2 and not caplog.records
+    with caplog.at_level("WARNING", logger="wsi_fl.server"):
+        drifted = aggregate_survival_evaluation([reply(good - 12.0)], cfg)  # the same ranking, 12 lower
+    assert drifted["test-risk-at-ends"] == 1.0 and drifted["test-c-index"] == pytest.approx(0.5)
+    assert "widen hist-risk-min/hist-risk-max" in caplog.text and "test 100%" in caplog.text

@@ -15,7 +15,7 @@ from wsi_fl.errors import ConfigError
 from wsi_fl.evaluation.survival import harrell_c
 from wsi_fl.mil.config import SplitConfig, TrainConfig
 from wsi_fl.mil.data import Bag, BagDataError, TableBagDataset, collate_bags
-from wsi_fl.mil.survival import check_dp_compatible, cox_loss
+from wsi_fl.mil.survival import COX_CENTRING, check_dp_compatible, cox_loss
 from wsi_fl.mil.training import SurvivalLoss, predict_risk, survival_outputs, train_model
 
 DIM = 6
@@ -69,9 +69,17 @@ def test_batch_loss_is_cox_within_strata() -> None:
     batch = collate_bags(items)
     logits = torch.randn(5, 2)
     eta = logits[:, 1] - logits[:, 0]
-    got = SurvivalLoss("cox")(logits, batch)
+    got = SurvivalLoss("cox", centring=0.0)(logits, batch)
     assert torch.allclose(got, cox_loss(eta, batch.time, batch.event, batch.stratum))
     assert not torch.allclose(got, cox_loss(eta, batch.time, batch.event))  # the strata matter
+    # Training's default adds the centring term, which only sees the level of the scores: shifting every eta
+    # leaves the partial likelihood unchanged and moves the loss by exactly the term's change.
+    centred = SurvivalLoss("cox")
+    assert torch.allclose(centred(logits, batch), got + COX_CENTRING * eta.mean() ** 2)
+    shifted = logits + torch.tensor([0.0, 7.0])
+    assert torch.allclose(SurvivalLoss("cox", centring=0.0)(shifted, batch), got)
+    m = eta.mean()
+    assert torch.allclose(centred(shifted, batch) - centred(logits, batch), COX_CENTRING * ((m + 7) ** 2 - m ** 2))
 
 
 def test_batch_cox_loss_at_lifelines_coefficients_is_its_log_likelihood() -> None:
@@ -89,7 +97,7 @@ def test_batch_cox_loss_at_lifelines_coefficients_is_its_log_likelihood() -> Non
     batch = collate_bags([Bag(torch.zeros(1, 1), int(e), f"s{i}", time=float(ti), event=bool(e))
                           for i, (ti, e) in enumerate(zip(time, event, strict=True))])
     logits = torch.stack([torch.zeros_like(eta), eta], dim=1)
-    loss = SurvivalLoss("cox")(logits, batch)
+    loss = SurvivalLoss("cox", centring=0.0)(logits, batch)
     assert float(loss) * event.sum() == pytest.approx(-fit.log_likelihood_, rel=1e-6)
 
 

@@ -23,7 +23,15 @@ from models import MILModel
 from wsi_fl.errors import ConfigError
 from wsi_fl.mil.config import TrainConfig  # defined beside the other stdlib-only settings; importable from here too
 from wsi_fl.mil.data import BagBatch, collate_bags
-from wsi_fl.mil.survival import cox_loss, discrete_time_bins, discrete_time_loss, log_risk, risk, time_bins
+from wsi_fl.mil.survival import (
+    COX_CENTRING,
+    cox_loss,
+    discrete_time_bins,
+    discrete_time_loss,
+    log_risk,
+    risk,
+    time_bins,
+)
 
 
 @dataclass
@@ -185,18 +193,24 @@ def predict_risk(model: MILModel, ds: Dataset, cfg_or_bins: TrainConfig | str | 
 
 class SurvivalLoss(torch.nn.Module):
     """A survival loss on a batch: Cox (risk sets within the batch and within each stratum = site) or discrete
-    time (the batch's times binned by ``edges``). Called as ``criterion(logits, batch)``."""
+    time (the batch's times binned by ``edges``). Called as ``criterion(logits, batch)``.
 
-    def __init__(self, kind: str, edges: np.ndarray | None = None) -> None:
+    Cox training adds ``centring`` x the batch's squared mean log-risk (:data:`COX_CENTRING`; 0: the partial
+    likelihood alone), which holds the scores' level without changing any ranking.
+    """
+
+    def __init__(self, kind: str, edges: np.ndarray | None = None, centring: float = COX_CENTRING) -> None:
         super().__init__()
         if kind == "discrete" and edges is None:
             raise ValueError("the discrete-time loss needs bin edges")
-        self.kind, self.edges = kind, edges
+        self.kind, self.edges, self.centring = kind, edges, centring
 
     def forward(self, logits: torch.Tensor, batch: BagBatch) -> torch.Tensor:
         event = batch.event.to(logits.device)
         if self.kind == "cox":
-            return cox_loss(log_risk(logits), batch.time.to(logits.device), event, batch.stratum.to(logits.device))
+            eta = log_risk(logits)
+            loss = cox_loss(eta, batch.time.to(logits.device), event, batch.stratum.to(logits.device))
+            return loss + self.centring * eta.mean() ** 2 if self.centring else loss
         return discrete_time_loss(logits, time_bins(batch.time, self.edges).to(logits.device), event)
 
     def on_predictions(self, preds: SurvivalPredictions) -> float:

@@ -28,6 +28,8 @@ from wsi_fl.federation.histograms import confusion_metrics, histogram_auc
 from wsi_fl.federation.survival_histograms import agreed_edges, auc_horizon, histogram_c_index, histogram_time_auc
 
 log = logging.getLogger("wsi_fl.server")
+#: Share of a split's patients in the two outermost risk bins above which the server warns that the axis clips.
+RISK_AT_ENDS_WARNING = 0.2
 
 #: What a training reply's MetricRecord holds (the weight FedAvg uses, and the site's mean training loss).
 TRAIN_METRICS = {"num-examples", "train-loss"}
@@ -147,6 +149,7 @@ def aggregate_survival_evaluation(replies: list[Message], cfg: FedConfig) -> dic
 
     sums, valid = _summed_counts(replies, parse)
     out: dict[str, float] = {"eval-replies": valid}
+    clipped = []
     for split in splits:
         n = sums.get(f"{split}-n", 0)
         out[f"{split}-n"] = n
@@ -154,12 +157,22 @@ def aggregate_survival_evaluation(replies: list[Message], cfg: FedConfig) -> dic
             continue
         events, hist = sums[f"{split}-events"], sums[f"{split}-hist"]
         out[f"{split}-events"] = events
+        # Risks beyond the agreed axis land in its end bins, where they tie: many there and the C-index is
+        # biased towards 0.5 without anything else showing it.
+        out[f"{split}-risk-at-ends"] = share = float(hist[..., 0].sum() + hist[..., -1].sum()) / n
+        if share > RISK_AT_ENDS_WARNING:
+            clipped.append(f"{split} {share:.0%}")
         out[f"{split}-loss"] = sums[f"{split}-loss-sum"] / max(events if cfg.survival_loss == "cox" else n, 1)
         out[f"{split}-c-index"] = histogram_c_index(hist)
         horizon = auc_horizon(hist, time_edges, cfg.td_auc_time)
         if horizon is not None:
             out[f"{split}-td-auc"] = histogram_time_auc(hist, time_edges, horizon)
             out[f"{split}-td-auc-time"] = horizon
+    if clipped:
+        lo, hi = cfg.risk_range()
+        log.warning("survival histograms: %s of the patients' risk scores are in the end bins of the agreed risk "
+                    "axis [%g, %g], where they tie, so the pooled C-index and time-dependent AUC are biased "
+                    "towards 0.5: widen hist-risk-min/hist-risk-max", ", ".join(clipped), lo, hi)
     return out
 
 
