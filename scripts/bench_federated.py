@@ -48,7 +48,7 @@ under: give ``--proximal-mu 0.01`` to print or extend those).
 
 ``--datasets realistic`` adds the synthetic ``realistic`` preset (:mod:`preprocessing.synth`): three
 hospitals of 2 : 1 : 0.4 × ``--realistic-slides`` slides (default 10: 20, 10 and 4 slides), prevalence
-0.2 / 0.4 / 0.6, weak planted signal, per-site stain, scanner blur, JPEG quality and native µm/px, pen marks,
+0.1 / 0.35 / 0.6, weak planted signal, per-site stain, scanner blur, JPEG quality and native µm/px, pen marks,
 folds and blur; every slide is tiled at 0.5 µm/px and embedded with ``resnet18_trunc`` random-init (as
 ``wsi-fl demo``), cached per seed under ``<work>/realistic/n<slides>-seed<k>``. The seed draws new slides;
 its sites are the preset's, shown as ``realistic/as-is``. Same :class:`Protocol`, every strategy.

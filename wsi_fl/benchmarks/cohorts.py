@@ -195,7 +195,7 @@ def realistic_cohort(work: Path, seed: int, slides_per_site: int = REALISTIC_SLI
     """The synthetic ``realistic`` preset (:mod:`preprocessing.synth`) at ``seed``, preprocessed as the demo does.
 
     Unlike the MIL tables this is the whole pipeline, slides → tissue → tiles → features, with the preset's
-    inter-hospital differences (sizes 2:1:0.4, prevalence 0.2 → 0.6, scanner blur, JPEG quality, site 3 at
+    inter-hospital differences (sizes 2:1:0.4, prevalence 0.1 → 0.6, scanner blur, JPEG quality, site 3 at
     another native µm/px, artefacts): the seed draws new slides, not a new partition. Cached under
     ``work/realistic/n<slides>-seed<k>`` (a ``.complete.json`` marker, written last, with the preset's values:
     a rerun reuses the cohort only while the preset is unchanged).
